@@ -1,0 +1,1 @@
+"""Transcoder training: corpora, activation streaming, objectives, the trainer and spliced evaluation."""

@@ -1,0 +1,386 @@
+"""Train a transcoder set (PLT or CLT) on activations streamed from a model, with checkpoints and resume.
+
+Phases, each timed in the log: (1) set-up: normalisation scales and encoder-bias initialisation from the first
+batch; (2) training: Adam, λ ramped linearly over the run, learning rate decayed linearly over the last 20 %,
+gradients clipped, per-layer metrics (FVU, L0, dead fraction) logged live and to `metrics.jsonl`; checkpoints every
+`checkpoint_every` steps; (3) evaluation: next-token loss with every MLP replaced (spliced CE delta); (4) export:
+the activation normalisation folded into the weights, saved in circuit-tracer's format under `<out>/transcoders`.
+
+Resume: a checkpoint holds weights, optimiser state, normalisation scales, dead-feature counters and the step;
+the activation stream is a pure function of the step (see `atlas.training.activations`), so a resumed run sees the
+batches the uninterrupted run would have seen and, on CPU, ends with identical weights (on GPU, up to the
+nondeterminism of atomic reductions). Checkpoints are written to a temporary file and renamed, so a kill
+mid-write never replaces a good checkpoint with a partial one; a non-finite loss stops training before any
+checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atlas.models.loading import LoadedModel
+from atlas.transcoders.activations import ActivationConfig
+from atlas.transcoders.base import EncoderStack, TranscoderKind, TranscoderSpec
+from atlas.transcoders.io import build_transcoder, save_transcoder
+from atlas.training import objectives as obj
+from atlas.training.activations import ActivationStream, StreamConfig
+from atlas.training.splicing import spliced_cross_entropy
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_LOG = "metrics.jsonl"
+FINAL_METRICS = "metrics.json"
+TRANSCODER_DIR = "transcoders"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what was kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (and must match for a resume)."""
+
+    kind: TranscoderKind = "clt"
+    n_features: int = 128
+    activation: str = "jumprelu"
+    topk: int | None = None
+    skip: bool = False
+    steps: int = 200
+    lr: float | None = None  # None: 2e-4 / √(n_features / 2¹⁴)
+    lr_decay_fraction: float = 0.2
+    sparsity_lambda: float = 1.0  # final value of the linear ramp
+    sparsity_c: float = 4.0
+    bandwidth: float = 1.0
+    initial_threshold: float = 0.1
+    pre_act_coef: float = 3e-6
+    init_firing_rate: float = 0.1  # share of tokens each feature fires on at initialisation (capped 10000/features)
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    dead_window_tokens: int = 1_000_000
+    input_hook: str = "mlp.hook_in"
+    output_hook: str = "mlp.hook_out"
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else obj.default_learning_rate(self.n_features)
+
+    def spec(self, n_layers: int, d_model: int) -> TranscoderSpec:
+        return TranscoderSpec(
+            kind=self.kind,
+            n_layers=n_layers,
+            d_model=d_model,
+            n_features=self.n_features,
+            activation=ActivationConfig(self.activation, self.topk),  # type: ignore[arg-type]
+            skip=self.skip,
+            input_hook=self.input_hook,
+            output_hook=self.output_hook,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["stream"] = StreamConfig(**values.get("stream", {}))
+        return cls(**values)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    transcoder_dir: Path
+    final_metrics: dict[str, Any]
+    resumed_from: int | None
+
+
+@dataclass
+class _State:
+    step: int
+    transcoder: EncoderStack
+    optimizer: torch.optim.Optimizer
+    input_scale: torch.Tensor
+    output_scale: torch.Tensor
+    tokens_since_fired: torch.Tensor
+
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class Trainer:
+    """Runs one training job into `out_dir` (metrics log, checkpoints, final transcoders)."""
+
+    def __init__(self, model: LoadedModel, config: TrainConfig, out_dir: str | Path) -> None:
+        self.model = model
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.stream = ActivationStream(
+            model, config.stream, input_hook=config.input_hook, output_hook=config.output_hook
+        )
+        self.spec = config.spec(model.info.n_layers, model.info.d_model)
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / CHECKPOINT_DIR
+
+    def latest_checkpoint(self) -> Path | None:
+        files = sorted(self.checkpoint_dir.glob("step_*.pt"))
+        return files[-1] if files else None
+
+    def _save_checkpoint(self, state: _State) -> Path:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / f"step_{state.step:08d}.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(
+            {
+                "step": state.step,
+                "config": self.config.to_dict(),
+                "model_name": self.model.info.name,
+                "transcoder": state.transcoder.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "input_scale": state.input_scale,
+                "output_scale": state.output_scale,
+                "tokens_since_fired": state.tokens_since_fired,
+            },
+            tmp,
+        )
+        os.replace(tmp, path)
+        for old in sorted(self.checkpoint_dir.glob("step_*.pt"))[: -self.config.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def _load_checkpoint(self, path: Path) -> _State:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for truncated files
+            raise TrainingError(f"checkpoint {path} is unreadable ({err}); delete it to fall back") from err
+        saved = TrainConfig.from_dict(data["config"])
+        if saved != self.config or data.get("model_name") != self.model.info.name:
+            raise TrainingError(
+                f"{self.out_dir} holds a run with different settings (checkpoint {path.name}); pass --fresh to"
+                " discard it, or choose another --out directory"
+            )
+        transcoder = self._new_transcoder()
+        transcoder.load_state_dict(data["transcoder"])
+        optimizer = self._optimizer(transcoder)
+        optimizer.load_state_dict(data["optimizer"])
+        return _State(
+            step=int(data["step"]),
+            transcoder=transcoder,
+            optimizer=optimizer,
+            input_scale=data["input_scale"],
+            output_scale=data["output_scale"],
+            tokens_since_fired=data["tokens_since_fired"],
+        )
+
+    # --- set-up -------------------------------------------------------------------------------------------
+    def _new_transcoder(self) -> EncoderStack:
+        return build_transcoder(
+            self.spec, bandwidth=self.config.bandwidth, initial_threshold=self.config.initial_threshold
+        ).to(self.model.device)
+
+    def _optimizer(self, transcoder: EncoderStack) -> torch.optim.Optimizer:
+        return torch.optim.Adam(transcoder.parameters(), lr=self.config.learning_rate, betas=(0.9, 0.999))
+
+    def _fresh_state(self, first_batch: tuple[torch.Tensor, torch.Tensor]) -> _State:
+        torch.manual_seed(self.config.stream.seed)
+        transcoder = self._new_transcoder()
+        inputs, targets = first_batch
+        input_scale = obj.normalisation_scales(inputs)
+        output_scale = obj.normalisation_scales(targets)
+        rate = min(self.config.init_firing_rate, 10_000 / (self.spec.n_layers * self.spec.n_features))
+        with torch.no_grad():
+            normalised = inputs * input_scale.view(-1, 1, 1)
+            pre = torch.bmm(normalised, transcoder.W_enc.transpose(1, 2))
+            transcoder.b_enc.copy_(obj.encoder_bias_for_firing_rate(pre, self.config.initial_threshold, rate))
+        return _State(
+            step=0,
+            transcoder=transcoder,
+            optimizer=self._optimizer(transcoder),
+            input_scale=input_scale,
+            output_scale=output_scale,
+            tokens_since_fired=torch.zeros(self.spec.n_layers, self.spec.n_features, dtype=torch.long),
+        )
+
+    # --- the run ------------------------------------------------------------------------------------------
+    def run(self, *, fresh: bool = False, on_progress: ProgressCallback | None = None) -> TrainResult:
+        cfg = self.config
+        phase_start = time.perf_counter()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            for path in self.checkpoint_dir.glob("step_*.pt"):
+                path.unlink()
+            (self.out_dir / METRICS_LOG).unlink(missing_ok=True)
+        checkpoint = self.latest_checkpoint()
+        resumed_from: int | None = None
+        if checkpoint is not None:
+            state = self._load_checkpoint(checkpoint)
+            resumed_from = state.step
+            log.info("resuming from %s (step %d)", checkpoint, state.step)
+            self._truncate_metrics_log(state.step)
+            batches = self.stream.batches(start_step=state.step)
+        else:
+            batches = self.stream.batches(start_step=0)
+            first = next(batches)
+            state = self._fresh_state(first)
+            batches = _prepend(first, batches)
+        eval_tokens = self.stream.evaluation_tokens()
+        log.info("phase set-up done in %.1fs", time.perf_counter() - phase_start)
+
+        phase_start = time.perf_counter()
+        self._train(state, batches, on_progress)
+        train_seconds = time.perf_counter() - phase_start
+        log.info("phase training done in %.1fs", train_seconds)
+
+        phase_start = time.perf_counter()
+        folded = copy.deepcopy(state.transcoder)
+        folded.fold_normalisation(state.input_scale, state.output_scale)
+        spliced = spliced_cross_entropy(self.model, folded, eval_tokens)
+        log.info("phase evaluation done in %.1fs", time.perf_counter() - phase_start)
+
+        final = self._final_metrics(state, spliced, train_seconds, resumed_from)
+        phase_start = time.perf_counter()
+        transcoder_dir = save_transcoder(
+            folded,
+            self.out_dir / TRANSCODER_DIR,
+            model_name=self.model.info.name,
+            metadata={"training": cfg.to_dict(), "metrics": final},
+        )
+        (self.out_dir / FINAL_METRICS).write_text(json.dumps(final, indent=2))
+        log.info("phase export done in %.1fs → %s", time.perf_counter() - phase_start, transcoder_dir)
+        return TrainResult(self.out_dir, transcoder_dir, final, resumed_from)
+
+    def _train(self, state: _State, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+               on_progress: ProgressCallback | None) -> None:
+        cfg = self.config
+        tc = state.transcoder
+        s_in = state.input_scale.view(-1, 1, 1).to(self.model.device)
+        s_out = state.output_scale.view(-1, 1, 1).to(self.model.device)
+        base_lr = cfg.learning_rate
+        window_start = time.perf_counter()
+        window_tokens = 0
+        tokens_seen = state.step * cfg.stream.batch_size
+        with (self.out_dir / METRICS_LOG).open("a") as metrics_log:
+            while state.step < cfg.steps:
+                inputs, targets = next(batches)
+                if not (torch.isfinite(inputs).all() and torch.isfinite(targets).all()):
+                    raise TrainingError(f"the model produced non-finite activations at step {state.step}")
+                step = state.step
+                lam = obj.sparsity_lambda_at(step, cfg.steps, cfg.sparsity_lambda)
+                for group in state.optimizer.param_groups:
+                    group["lr"] = base_lr * obj.lr_factor_at(step, cfg.steps, cfg.lr_decay_fraction)
+                output = tc(inputs * s_in)
+                normalised_targets = targets * s_out
+                loss = obj.transcoder_loss(
+                    output, normalised_targets, tc.decoder_norms(), tc.threshold,
+                    sparsity_lambda=lam, sparsity_c=cfg.sparsity_c, pre_act_coef=cfg.pre_act_coef,
+                )
+                if not torch.isfinite(loss.total):
+                    last = self.latest_checkpoint()
+                    raise TrainingError(
+                        f"loss became {loss.total.item()} at step {step} (reconstruction"
+                        f" {loss.reconstruction.item():.4g}, sparsity {loss.sparsity.item():.4g}); training stopped."
+                        f" Last good checkpoint: {last or 'none'} (untouched). Try a lower --lr."
+                    )
+                state.optimizer.zero_grad(set_to_none=True)
+                loss.total.backward()
+                torch.nn.utils.clip_grad_norm_(tc.parameters(), cfg.grad_clip)
+                state.optimizer.step()
+                state.step += 1
+                tokens_seen += inputs.shape[1]
+                window_tokens += inputs.shape[1]
+                with torch.no_grad():
+                    state.tokens_since_fired = obj.update_tokens_since_fired(
+                        state.tokens_since_fired, output.activations.cpu()
+                    )
+                if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = self._metrics_record(state, output, normalised_targets, loss, lam, tokens_seen,
+                                                  window_tokens / max(elapsed, 1e-9))
+                    metrics_log.write(json.dumps(record) + "\n")
+                    metrics_log.flush()
+                    if on_progress:
+                        on_progress(record)
+                    window_start, window_tokens = time.perf_counter(), 0
+                if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+                    self._save_checkpoint(state)
+
+    @torch.no_grad()
+    def _metrics_record(self, state: _State, output: Any, targets: torch.Tensor, loss: obj.LossParts,
+                        lam: float, tokens_seen: int, tokens_per_second: float) -> dict[str, Any]:
+        fvu = obj.fraction_of_variance_unexplained(output.reconstruction, targets)
+        l0 = obj.l0_per_layer(output.activations)
+        dead = obj.dead_fraction(state.tokens_since_fired, min(self.config.dead_window_tokens, tokens_seen))
+        return {
+            "step": state.step,
+            "tokens": tokens_seen,
+            "loss": loss.total.item(),
+            "reconstruction_loss": loss.reconstruction.item(),
+            "sparsity_loss": loss.sparsity.item(),
+            "pre_act_loss": loss.pre_activation.item(),
+            "lambda": lam,
+            "lr": state.optimizer.param_groups[0]["lr"],
+            "tokens_per_second": tokens_per_second,
+            "fvu_mean": fvu.mean().item(),
+            "l0_total": l0.sum().item(),
+            "dead_fraction": dead.mean().item(),
+            "fvu": [round(v, 5) for v in fvu.tolist()],
+            "l0": [round(v, 3) for v in l0.tolist()],
+            "dead": [round(v, 4) for v in dead.tolist()],
+        }
+
+    def _final_metrics(self, state: _State, spliced: Any, train_seconds: float,
+                       resumed_from: int | None) -> dict[str, Any]:
+        last = self._read_metrics_log()
+        record = last[-1] if last else {}
+        return {
+            "steps": state.step,
+            "tokens": state.step * self.config.stream.batch_size,
+            "resumed_from": resumed_from,
+            "train_seconds_this_session": train_seconds,
+            "fvu": record.get("fvu"),
+            "fvu_mean": record.get("fvu_mean"),
+            "l0": record.get("l0"),
+            "l0_total": record.get("l0_total"),
+            "dead_fraction": record.get("dead_fraction"),
+            "dead": record.get("dead"),
+            "ce_clean": spliced.clean,
+            "ce_spliced": spliced.spliced,
+            "ce_delta": spliced.delta,
+            "eval_tokens": spliced.n_tokens,
+        }
+
+    def _read_metrics_log(self) -> list[dict[str, Any]]:
+        path = self.out_dir / METRICS_LOG
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def _truncate_metrics_log(self, step: int) -> None:
+        kept = [r for r in self._read_metrics_log() if r["step"] <= step]
+        path = self.out_dir / METRICS_LOG
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+
+
+def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
