@@ -99,8 +99,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--loader",
         choices=("hub", "direct"),
         default="hub",
-        help="hub: utils.hf_utils.load_transcoder_from_hub(abs dir); "
-        "direct: load_transcoder_set / load_clt",
+        help="hub: utils.hf_utils.load_transcoder_from_hub(abs dir); direct: load_transcoder_set / load_clt",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")

@@ -1,0 +1,213 @@
+"""The `atlas` command line: model, corpus, transcoder training and inspection sub-commands.
+
+Heavy libraries (torch, transformers) are imported inside commands so `atlas --help` stays instant.
+Errors the user can fix are printed as one readable line and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from atlas.config import DEFAULT_MODEL
+
+app = typer.Typer(help="circuit-atlas: attribution graphs of language models at corpus scale.", no_args_is_help=True)
+model_app = typer.Typer(help="Load and inspect models.", no_args_is_help=True)
+corpus_app = typer.Typer(help="Training corpora.", no_args_is_help=True)
+transcoders_app = typer.Typer(help="Inspect saved transcoders.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(corpus_app, name="corpus")
+app.add_typer(transcoders_app, name="transcoders")
+console = Console(stderr=True)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from atlas.models.loading import ModelLoadError
+    from atlas.training.corpus import CorpusError
+    from atlas.training.trainer import TrainingError
+    from atlas.transcoders import TranscoderFormatError, TranscoderShapeError
+
+    return (ModelLoadError, CorpusError, TrainingError, TranscoderFormatError, TranscoderShapeError, ValueError)
+
+
+def _fail(err: BaseException) -> NoReturn:
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every phase.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
+
+
+@model_app.command("info")
+def model_info(model: Annotated[str, typer.Option(help="Alias, tiny model, local dir or hub name.")] = DEFAULT_MODEL,
+               prompt: str = "When Mary and John went to the store, John gave a drink to") -> None:
+    """Load a model, print its sizes, load time and top next tokens for a prompt."""
+    import torch
+
+    from atlas.models import load_model
+
+    try:
+        loaded = load_model(model)
+    except _user_errors() as err:
+        _fail(err)
+    info = loaded.info
+    console.print(f"[bold]{info.name}[/] ({info.source}, {info.architecture}): {info.n_layers} layers, d_model "
+                  f"{info.d_model}, d_mlp {info.d_mlp}, vocab {info.vocab_size}; loaded in {loaded.load_seconds:.1f}s")
+    with torch.no_grad():
+        probs = loaded.model(loaded.tokenize(prompt))[0, -1].softmax(-1)
+    top = probs.topk(5)
+    table = Table("token", "probability", title=f"next token after {prompt!r}")
+    for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        table.add_row(repr(loaded.tokenizer.decode([i])), f"{p:.3f}")
+    Console().print(table)
+
+
+@corpus_app.command("offline")
+def corpus_offline() -> None:
+    """Build (or locate) the offline English corpus from Debian's `fortunes` package and print its path."""
+    from atlas.training.corpus import iter_documents, offline_corpus_path
+
+    try:
+        path = offline_corpus_path()
+    except _user_errors() as err:
+        _fail(err)
+    n_docs = sum(1 for _ in iter_documents(path))
+    print(path)
+    console.print(f"{n_docs} documents, {path.stat().st_size / 1e6:.1f} MB")
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Run directory: checkpoints, metrics, final transcoders.")],
+    model: Annotated[str, typer.Option(help="Model to train on.")] = DEFAULT_MODEL,
+    corpus: Annotated[str, typer.Option(help="offline | FILE.txt/.jsonl/.parquet | hf:DATASET")] = "offline",
+    text_field: Annotated[str, typer.Option(help="JSONL/Parquet field holding the text.")] = "text",
+    kind: Annotated[str, typer.Option(help="clt (cross-layer) or plt (per-layer).")] = "clt",
+    features: Annotated[int, typer.Option(help="Features per layer.")] = 128,
+    activation: Annotated[str, typer.Option(help="jumprelu | relu | topk")] = "jumprelu",
+    topk: Annotated[int | None, typer.Option(help="k for --activation topk.")] = None,
+    skip: Annotated[bool, typer.Option(help="Add a linear skip connection.")] = False,
+    steps: int = 200,
+    batch_size: Annotated[int, typer.Option(help="Tokens per training step.")] = 256,
+    context_length: int = 64,
+    chunk_sequences: Annotated[int, typer.Option(help="Sequences per shuffle chunk.")] = 64,
+    lr: Annotated[float | None, typer.Option(help="Default: 2e-4/√(features/16384).")] = None,
+    sparsity_lambda: float = 1.0,
+    checkpoint_every: int = 50,
+    log_every: int = 10,
+    seed: int = 0,
+    fresh: Annotated[bool, typer.Option(help="Discard checkpoints in --out instead of resuming.")] = False,
+) -> None:
+    """Train transcoders with a live progress bar; resumes from the last checkpoint in --out."""
+    try:
+        result = run_training(
+            out=out, model=model, corpus=corpus, text_field=text_field, kind=kind, features=features,
+            activation=activation, topk=topk, skip=skip, steps=steps, batch_size=batch_size,
+            context_length=context_length, chunk_sequences=chunk_sequences, lr=lr,
+            sparsity_lambda=sparsity_lambda, checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
+            fresh=fresh,
+        )
+    except _user_errors() as err:
+        _fail(err)
+    print_metrics(result.final_metrics)
+    console.print(f"transcoders: {result.transcoder_dir}")
+
+
+def run_training(*, out: Path, model: str, fresh: bool, **options: Any) -> Any:
+    """Build the config, load the model and train with a rich progress bar. Returns a `TrainResult`."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from atlas.models import load_model
+    from atlas.training.activations import StreamConfig
+    from atlas.training.trainer import TrainConfig, Trainer
+
+    stream = StreamConfig(
+        corpus=options["corpus"], text_field=options["text_field"], context_length=options["context_length"],
+        batch_size=options["batch_size"], chunk_sequences=options["chunk_sequences"], seed=options["seed"],
+    )
+    config = TrainConfig(
+        kind=options["kind"], n_features=options["features"], activation=options["activation"],
+        topk=options["topk"], skip=options["skip"], steps=options["steps"], lr=options["lr"],
+        sparsity_lambda=options["sparsity_lambda"], checkpoint_every=options["checkpoint_every"],
+        log_every=options["log_every"], stream=stream,
+    )
+    with console.status(f"loading {model}…"):
+        loaded = load_model(model)
+    console.print(f"{loaded.info.name}: {loaded.info.n_layers} layers, loaded in {loaded.load_seconds:.1f}s")
+    trainer = Trainer(loaded, config, out)
+    start = trainer.latest_checkpoint()
+    start_step = 0 if (fresh or start is None) else int(start.stem.split("_")[1])
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(f"train {config.kind}", total=config.steps, completed=start_step, metrics="")
+
+        def on_progress(record: dict[str, Any]) -> None:
+            metrics = (f"loss {record['loss']:.3g} fvu {record['fvu_mean']:.3f} L0 {record['l0_total']:.1f}"
+                       f" dead {record['dead_fraction']:.1%} {record['tokens_per_second']:.0f} tok/s")
+            progress.update(task, completed=record["step"], metrics=metrics)
+            if not console.is_terminal:
+                console.print(f"step {record['step']}/{config.steps} {metrics}")
+
+        return trainer.run(fresh=fresh, on_progress=on_progress)
+
+
+def print_metrics(metrics: dict[str, Any]) -> None:
+    table = Table("layer", "FVU", "L0", "dead", title="per-layer metrics (last logged batch)")
+    for layer, (fvu, l0, dead) in enumerate(zip(metrics["fvu"], metrics["l0"], metrics["dead"], strict=True)):
+        table.add_row(str(layer), f"{fvu:.3f}", f"{l0:.1f}", f"{dead:.1%}")
+    Console().print(table)
+    Console().print(
+        f"steps {metrics['steps']}, tokens {metrics['tokens']}: mean FVU {metrics['fvu_mean']:.3f}, total L0"
+        f" {metrics['l0_total']:.1f}, dead {metrics['dead_fraction']:.1%}; next-token CE clean"
+        f" {metrics['ce_clean']:.3f} → spliced {metrics['ce_spliced']:.3f} (Δ {metrics['ce_delta']:+.3f} nats)"
+    )
+
+
+@transcoders_app.command("info")
+def transcoders_info(directory: Path) -> None:
+    """Describe a saved transcoder directory (ours or circuit-tracer's) and its training metrics."""
+    from atlas.transcoders.io import describe, read_metadata
+
+    try:
+        console.print(describe(directory))
+        metrics = read_metadata(directory).get("metrics")
+    except _user_errors() as err:
+        _fail(err)
+    if metrics:
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo run goes.")] = Path("runs/demo"),
+    steps: int = 100,
+    features: int = 64,
+) -> None:
+    """Load the default model, train a small CLT on the offline corpus, print its metrics."""
+    try:
+        result = run_training(
+            out=out, model=DEFAULT_MODEL, corpus="offline", text_field="text", kind="clt", features=features,
+            activation="jumprelu", topk=None, skip=False, steps=steps, batch_size=256, context_length=64,
+            chunk_sequences=32, lr=None, sparsity_lambda=1.0, checkpoint_every=25, log_every=5, seed=0,
+            fresh=False,
+        )
+    except _user_errors() as err:
+        _fail(err)
+    print_metrics(result.final_metrics)
+    console.print(f"transcoders saved in circuit-tracer format: {result.transcoder_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(app())
