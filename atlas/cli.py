@@ -34,7 +34,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from atlas.training.trainer import TrainingError
     from atlas.transcoders import TranscoderFormatError, TranscoderShapeError
 
-    return (ModelLoadError, CorpusError, TrainingError, TranscoderFormatError, TranscoderShapeError, ValueError)
+    return (
+        ModelLoadError,
+        CorpusError,
+        TrainingError,
+        TranscoderFormatError,
+        TranscoderShapeError,
+        ValueError,
+    )
 
 
 def _fail(err: BaseException) -> NoReturn:
@@ -44,14 +51,14 @@ def _fail(err: BaseException) -> NoReturn:
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every phase.")] = False) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
 
 
 @model_app.command("info")
-def model_info(model: Annotated[str, typer.Option(help="Alias, tiny model, local dir or hub name.")] = DEFAULT_MODEL,
-               prompt: str = "When Mary and John went to the store, John gave a drink to") -> None:
+def model_info(
+    model: Annotated[str, typer.Option(help="Alias, tiny model, local dir or hub name.")] = DEFAULT_MODEL,
+    prompt: str = "When Mary and John went to the store, John gave a drink to",
+) -> None:
     """Load a model, print its sizes, load time and top next tokens for a prompt."""
     import torch
 
@@ -62,8 +69,10 @@ def model_info(model: Annotated[str, typer.Option(help="Alias, tiny model, local
     except _user_errors() as err:
         _fail(err)
     info = loaded.info
-    console.print(f"[bold]{info.name}[/] ({info.source}, {info.architecture}): {info.n_layers} layers, d_model "
-                  f"{info.d_model}, d_mlp {info.d_mlp}, vocab {info.vocab_size}; loaded in {loaded.load_seconds:.1f}s")
+    console.print(
+        f"[bold]{info.name}[/] ({info.source}, {info.architecture}): {info.n_layers} layers, d_model "
+        f"{info.d_model}, d_mlp {info.d_mlp}, vocab {info.vocab_size}; loaded in {loaded.load_seconds:.1f}s"
+    )
     with torch.no_grad():
         probs = loaded.model(loaded.tokenize(prompt))[0, -1].softmax(-1)
     top = probs.topk(5)
@@ -112,10 +121,24 @@ def train(
     """Train transcoders with a live progress bar; resumes from the last checkpoint in --out."""
     try:
         result = run_training(
-            out=out, model=model, corpus=corpus, text_field=text_field, kind=kind, features=features,
-            activation=activation, topk=topk, skip=skip, steps=steps, batch_size=batch_size,
-            context_length=context_length, chunk_sequences=chunk_sequences, lr=lr,
-            sparsity_lambda=sparsity_lambda, checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
+            out=out,
+            model=model,
+            corpus=corpus,
+            text_field=text_field,
+            kind=kind,
+            features=features,
+            activation=activation,
+            topk=topk,
+            skip=skip,
+            steps=steps,
+            batch_size=batch_size,
+            context_length=context_length,
+            chunk_sequences=chunk_sequences,
+            lr=lr,
+            sparsity_lambda=sparsity_lambda,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            seed=seed,
             fresh=fresh,
         )
     except _user_errors() as err:
@@ -133,14 +156,25 @@ def run_training(*, out: Path, model: str, fresh: bool, **options: Any) -> Any:
     from atlas.training.trainer import TrainConfig, Trainer
 
     stream = StreamConfig(
-        corpus=options["corpus"], text_field=options["text_field"], context_length=options["context_length"],
-        batch_size=options["batch_size"], chunk_sequences=options["chunk_sequences"], seed=options["seed"],
+        corpus=options["corpus"],
+        text_field=options["text_field"],
+        context_length=options["context_length"],
+        batch_size=options["batch_size"],
+        chunk_sequences=options["chunk_sequences"],
+        seed=options["seed"],
     )
     config = TrainConfig(
-        kind=options["kind"], n_features=options["features"], activation=options["activation"],
-        topk=options["topk"], skip=options["skip"], steps=options["steps"], lr=options["lr"],
-        sparsity_lambda=options["sparsity_lambda"], checkpoint_every=options["checkpoint_every"],
-        log_every=options["log_every"], stream=stream,
+        kind=options["kind"],
+        n_features=options["features"],
+        activation=options["activation"],
+        topk=options["topk"],
+        skip=options["skip"],
+        steps=options["steps"],
+        lr=options["lr"],
+        sparsity_lambda=options["sparsity_lambda"],
+        checkpoint_every=options["checkpoint_every"],
+        log_every=options["log_every"],
+        stream=stream,
     )
     with console.status(f"loading {model}…"):
         loaded = load_model(model)
@@ -148,14 +182,22 @@ def run_training(*, out: Path, model: str, fresh: bool, **options: Any) -> Any:
     trainer = Trainer(loaded, config, out)
     start = trainer.latest_checkpoint()
     start_step = 0 if (fresh or start is None) else int(start.stem.split("_")[1])
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[metrics]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(f"train {config.kind}", total=config.steps, completed=start_step, metrics="")
 
         def on_progress(record: dict[str, Any]) -> None:
-            metrics = (f"loss {record['loss']:.3g} fvu {record['fvu_mean']:.3f} L0 {record['l0_total']:.1f}"
-                       f" dead {record['dead_fraction']:.1%} {record['tokens_per_second']:.0f} tok/s")
+            metrics = (
+                f"loss {record['loss']:.3g} fvu {record['fvu_mean']:.3f} L0 {record['l0_total']:.1f}"
+                f" dead {record['dead_fraction']:.1%} {record['tokens_per_second']:.0f} tok/s"
+            )
             progress.update(task, completed=record["step"], metrics=metrics)
             if not console.is_terminal:
                 console.print(f"step {record['step']}/{config.steps} {metrics}")
@@ -198,9 +240,24 @@ def demo(
     """Load the default model, train a small CLT on the offline corpus, print its metrics."""
     try:
         result = run_training(
-            out=out, model=DEFAULT_MODEL, corpus="offline", text_field="text", kind="clt", features=features,
-            activation="jumprelu", topk=None, skip=False, steps=steps, batch_size=256, context_length=64,
-            chunk_sequences=32, lr=None, sparsity_lambda=1.0, checkpoint_every=25, log_every=5, seed=0,
+            out=out,
+            model=DEFAULT_MODEL,
+            corpus="offline",
+            text_field="text",
+            kind="clt",
+            features=features,
+            activation="jumprelu",
+            topk=None,
+            skip=False,
+            steps=steps,
+            batch_size=256,
+            context_length=64,
+            chunk_sequences=32,
+            lr=None,
+            sparsity_lambda=1.0,
+            checkpoint_every=25,
+            log_every=5,
+            seed=0,
             fresh=False,
         )
     except _user_errors() as err:

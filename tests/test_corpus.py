@@ -48,8 +48,7 @@ def test_sequences_start_with_bos_and_hold_out_evaluation() -> None:
     first = [next(seqs) for _ in range(5)]
     assert all(s[0] == 0 and len(s) == 5 for s in first)
     assert first[0] == [0, *map(ord, "abcd")]
-    held_out = iter_sequences(lambda: iter(docs), lambda t: [ord(c) for c in t], bos=0, eos=1, length=5,
-                              skip_first=1)
+    held_out = iter_sequences(lambda: iter(docs), lambda t: [ord(c) for c in t], bos=0, eos=1, length=5, skip_first=1)
     assert next(held_out) == first[1]
 
 

@@ -23,10 +23,23 @@ from atlas.transcoders import check_compatible, load_transcoder
 
 
 def small_config(corpus: Path, kind: str = "clt", steps: int = 30, **overrides: object) -> TrainConfig:
-    stream = StreamConfig(corpus=str(corpus), context_length=32, batch_size=64, chunk_sequences=8,
-                          model_batch_size=8, eval_sequences=4)
-    base = TrainConfig(kind=kind, n_features=16, steps=steps, log_every=5, checkpoint_every=10, stream=stream,  # type: ignore[arg-type]
-                       sparsity_lambda=0.1)
+    stream = StreamConfig(
+        corpus=str(corpus),
+        context_length=32,
+        batch_size=64,
+        chunk_sequences=8,
+        model_batch_size=8,
+        eval_sequences=4,
+    )
+    base = TrainConfig(
+        kind=kind,
+        n_features=16,
+        steps=steps,
+        log_every=5,
+        checkpoint_every=10,
+        stream=stream,  # type: ignore[arg-type]
+        sparsity_lambda=0.1,
+    )
     return replace(base, **overrides)  # type: ignore[arg-type]
 
 
@@ -57,8 +70,7 @@ def test_training_learns_and_exports(tiny_llama: LoadedModel, jsonl_corpus: Path
     check_compatible(transcoder.spec, n_layers=2, d_model=32, model_name="tiny-llama")
 
 
-def test_exported_weights_act_on_raw_activations(tiny_llama: LoadedModel, jsonl_corpus: Path,
-                                                 tmp_path: Path) -> None:
+def test_exported_weights_act_on_raw_activations(tiny_llama: LoadedModel, jsonl_corpus: Path, tmp_path: Path) -> None:
     """The folded export reproduces the trained model's reconstruction in raw units (no normaliser needed)."""
     config = small_config(jsonl_corpus, steps=10)
     result = Trainer(tiny_llama, config, tmp_path / "run").run()
@@ -78,8 +90,9 @@ def _final_state(directory: Path) -> dict[str, torch.Tensor]:
     return load_transcoder(directory).state_dict()
 
 
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_llama: LoadedModel, jsonl_corpus: Path,
-                                                              tmp_path: Path) -> None:
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(
+    tiny_llama: LoadedModel, jsonl_corpus: Path, tmp_path: Path
+) -> None:
     config = small_config(jsonl_corpus, steps=30)
     straight = Trainer(tiny_llama, config, tmp_path / "straight").run()
     with pytest.raises(StopAt):
@@ -118,7 +131,7 @@ def test_non_finite_training_stops_and_keeps_the_good_checkpoint(jsonl_corpus: P
 
 def test_diverging_loss_is_reported(tiny_llama: LoadedModel, jsonl_corpus: Path, tmp_path: Path) -> None:
     config = small_config(jsonl_corpus, sparsity_lambda=float("inf"))
-    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step 0.*Last good checkpoint: none"):
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) .*at step 0.*Last good checkpoint: none"):
         Trainer(tiny_llama, config, tmp_path / "run").run()
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
 
@@ -133,19 +146,41 @@ def test_empty_and_missing_corpus(tiny_llama: LoadedModel, tmp_path: Path) -> No
 
 
 def _train_cli(out: Path, corpus: Path, steps: int) -> list[str]:
-    return [sys.executable, "-m", "atlas.cli", "train", "--out", str(out), "--model", "tiny-llama",
-            "--corpus", str(corpus), "--features", "16", "--steps", str(steps), "--batch-size", "64",
-            "--context-length", "32", "--chunk-sequences", "8", "--checkpoint-every", "10", "--log-every", "10",
-            "--sparsity-lambda", "0.1"]
+    return [
+        sys.executable,
+        "-m",
+        "atlas.cli",
+        "train",
+        "--out",
+        str(out),
+        "--model",
+        "tiny-llama",
+        "--corpus",
+        str(corpus),
+        "--features",
+        "16",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "64",
+        "--context-length",
+        "32",
+        "--chunk-sequences",
+        "8",
+        "--checkpoint-every",
+        "10",
+        "--log-every",
+        "10",
+        "--sparsity-lambda",
+        "0.1",
+    ]
 
 
 def test_kill_minus_nine_then_restart_matches_uninterrupted_cli_run(jsonl_corpus: Path, tmp_path: Path) -> None:
     steps = 400
-    subprocess.run(_train_cli(tmp_path / "straight", jsonl_corpus, steps), check=True, capture_output=True,
-                   timeout=600)
+    subprocess.run(_train_cli(tmp_path / "straight", jsonl_corpus, steps), check=True, capture_output=True, timeout=600)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cli(out, jsonl_corpus, steps), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_train_cli(out, jsonl_corpus, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
         while not list(out.glob("checkpoints/step_*.pt")) and time.monotonic() < deadline:

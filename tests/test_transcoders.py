@@ -99,8 +99,9 @@ def test_folding_normalisation_reproduces_normalised_model_in_raw_units(kind: st
         tc.fold_normalisation(s_in, s_out)
         folded = tc(x)
     torch.testing.assert_close(folded.activations, trained.activations, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(folded.reconstruction, trained.reconstruction / s_out.view(-1, 1, 1), atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(
+        folded.reconstruction, trained.reconstruction / s_out.view(-1, 1, 1), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("kind", ["plt", "clt"])

@@ -114,17 +114,17 @@ def _boot_bridge(label: str, hf: Any, tokenizer: Any, device: str | torch.device
 def _model_info(name: str, source: str, hf: Any, bos_token_id: int) -> ModelInfo:
     cfg = hf.config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    d_mlp = getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None)
     d_model = int(text_cfg.hidden_size)
+    d_mlp = getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None) or 4 * d_model
     return ModelInfo(
         name=name,
         source=source,
         architecture=type(hf).__name__,
         n_layers=int(text_cfg.num_hidden_layers),
         d_model=d_model,
-        d_mlp=int(d_mlp or 4 * d_model),
+        d_mlp=int(d_mlp),
         vocab_size=int(text_cfg.vocab_size),
-        n_ctx=int(getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", 2048)),
+        n_ctx=int(getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None) or 2048),
         bos_token_id=bos_token_id,
     )
 
@@ -144,7 +144,7 @@ def _default_bos(tokenizer: Any) -> int:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1
+    return name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") > 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

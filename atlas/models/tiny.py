@@ -72,7 +72,11 @@ def _write_tiny_tokenizer(directory: Path) -> None:
     backend = Tokenizer(models.WordLevel(vocab, unk_token=TINY_UNK))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=TINY_BOS, eos_token=TINY_EOS, unk_token=TINY_UNK, pad_token=TINY_EOS
+        tokenizer_object=backend,
+        bos_token=TINY_BOS,
+        eos_token=TINY_EOS,
+        unk_token=TINY_UNK,
+        pad_token=TINY_EOS,
     )
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

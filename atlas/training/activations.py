@@ -60,8 +60,14 @@ class StreamConfig:
 
 
 def iter_sequences(
-    documents: Callable[[], Iterator[str]], tokenize: Callable[[str], list[int]], *, bos: int, eos: int,
-    length: int, skip_first: int = 0, cycle: bool = True,
+    documents: Callable[[], Iterator[str]],
+    tokenize: Callable[[str], list[int]],
+    *,
+    bos: int,
+    eos: int,
+    length: int,
+    skip_first: int = 0,
+    cycle: bool = True,
 ) -> Iterator[list[int]]:
     """Sequences of `length` token ids, `[bos] + length − 1 corpus tokens`, cycling over the corpus.
 
@@ -124,8 +130,10 @@ class ActivationStream:
         """The held-out sequences `(eval_sequences, context_length)`, never used for training."""
         rows = list(itertools.islice(self._sequences(evaluation=True), self.config.eval_sequences))
         if len(rows) < self.config.eval_sequences:
-            raise CorpusError(f"the corpus holds only {len(rows)} sequences; {self.config.eval_sequences} are"
-                              " needed for evaluation alone")
+            raise CorpusError(
+                f"the corpus holds only {len(rows)} sequences; {self.config.eval_sequences} are"
+                " needed for evaluation alone"
+            )
         return torch.tensor(rows)
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ checkpoint is written.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -29,12 +30,12 @@ from typing import Any
 import torch
 
 from atlas.models.loading import LoadedModel
-from atlas.transcoders.activations import ActivationConfig
-from atlas.transcoders.base import EncoderStack, TranscoderKind, TranscoderSpec
-from atlas.transcoders.io import build_transcoder, save_transcoder
 from atlas.training import objectives as obj
 from atlas.training.activations import ActivationStream, StreamConfig
 from atlas.training.splicing import spliced_cross_entropy
+from atlas.transcoders.activations import ActivationConfig
+from atlas.transcoders.base import EncoderStack, TranscoderKind, TranscoderSpec
+from atlas.transcoders.io import build_transcoder, save_transcoder
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +268,12 @@ class Trainer:
         log.info("phase export done in %.1fs → %s", time.perf_counter() - phase_start, transcoder_dir)
         return TrainResult(self.out_dir, transcoder_dir, final, resumed_from)
 
-    def _train(self, state: _State, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-               on_progress: ProgressCallback | None) -> None:
+    def _train(
+        self,
+        state: _State,
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        on_progress: ProgressCallback | None,
+    ) -> None:
         cfg = self.config
         tc = state.transcoder
         s_in = state.input_scale.view(-1, 1, 1).to(self.model.device)
@@ -286,23 +291,16 @@ class Trainer:
                 lam = obj.sparsity_lambda_at(step, cfg.steps, cfg.sparsity_lambda)
                 for group in state.optimizer.param_groups:
                     group["lr"] = base_lr * obj.lr_factor_at(step, cfg.steps, cfg.lr_decay_fraction)
-                output = tc(inputs * s_in)
                 normalised_targets = targets * s_out
-                loss = obj.transcoder_loss(
-                    output, normalised_targets, tc.decoder_norms(), tc.threshold,
-                    sparsity_lambda=lam, sparsity_c=cfg.sparsity_c, pre_act_coef=cfg.pre_act_coef,
+                output, loss = train_step(
+                    tc,
+                    state.optimizer,
+                    inputs * s_in,
+                    normalised_targets,
+                    lam,
+                    cfg,
+                    on_non_finite=functools.partial(self._non_finite_message, step),
                 )
-                if not torch.isfinite(loss.total):
-                    last = self.latest_checkpoint()
-                    raise TrainingError(
-                        f"loss became {loss.total.item()} at step {step} (reconstruction"
-                        f" {loss.reconstruction.item():.4g}, sparsity {loss.sparsity.item():.4g}); training stopped."
-                        f" Last good checkpoint: {last or 'none'} (untouched). Try a lower --lr."
-                    )
-                state.optimizer.zero_grad(set_to_none=True)
-                loss.total.backward()
-                torch.nn.utils.clip_grad_norm_(tc.parameters(), cfg.grad_clip)
-                state.optimizer.step()
                 state.step += 1
                 tokens_seen += inputs.shape[1]
                 window_tokens += inputs.shape[1]
@@ -312,8 +310,15 @@ class Trainer:
                     )
                 if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                     elapsed = time.perf_counter() - window_start
-                    record = self._metrics_record(state, output, normalised_targets, loss, lam, tokens_seen,
-                                                  window_tokens / max(elapsed, 1e-9))
+                    record = self._metrics_record(
+                        state,
+                        output,
+                        normalised_targets,
+                        loss,
+                        lam,
+                        tokens_seen,
+                        window_tokens / max(elapsed, 1e-9),
+                    )
                     metrics_log.write(json.dumps(record) + "\n")
                     metrics_log.flush()
                     if on_progress:
@@ -322,9 +327,22 @@ class Trainer:
                 if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
                     self._save_checkpoint(state)
 
+    def _non_finite_message(self, step: int) -> str:
+        return (
+            f"at step {step}; training stopped. Last good checkpoint: {self.latest_checkpoint() or 'none'} (untouched)."
+        )
+
     @torch.no_grad()
-    def _metrics_record(self, state: _State, output: Any, targets: torch.Tensor, loss: obj.LossParts,
-                        lam: float, tokens_seen: int, tokens_per_second: float) -> dict[str, Any]:
+    def _metrics_record(
+        self,
+        state: _State,
+        output: Any,
+        targets: torch.Tensor,
+        loss: obj.LossParts,
+        lam: float,
+        tokens_seen: int,
+        tokens_per_second: float,
+    ) -> dict[str, Any]:
         fvu = obj.fraction_of_variance_unexplained(output.reconstruction, targets)
         l0 = obj.l0_per_layer(output.activations)
         dead = obj.dead_fraction(state.tokens_since_fired, min(self.config.dead_window_tokens, tokens_seen))
@@ -346,8 +364,9 @@ class Trainer:
             "dead": [round(v, 4) for v in dead.tolist()],
         }
 
-    def _final_metrics(self, state: _State, spliced: Any, train_seconds: float,
-                       resumed_from: int | None) -> dict[str, Any]:
+    def _final_metrics(
+        self, state: _State, spliced: Any, train_seconds: float, resumed_from: int | None
+    ) -> dict[str, Any]:
         last = self._read_metrics_log()
         record = last[-1] if last else {}
         return {
@@ -379,6 +398,43 @@ class Trainer:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, path)
+
+
+def train_step(
+    transcoder: Any,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    sparsity_lambda: float,
+    config: TrainConfig,
+    *,
+    on_non_finite: Callable[[], str] = lambda: "",
+) -> tuple[Any, obj.LossParts]:
+    """One optimiser step on normalised `inputs`/`targets` `(n_layers, n_tokens, d)`; raises on a non-finite loss.
+
+    `transcoder` is anything with `forward → TranscoderOutput`, `decoder_norms()` and `threshold` (the benchmark
+    runs its reference implementation through this same function).
+    """
+    output = transcoder(inputs)
+    loss = obj.transcoder_loss(
+        output,
+        targets,
+        transcoder.decoder_norms(),
+        transcoder.threshold,
+        sparsity_lambda=sparsity_lambda,
+        sparsity_c=config.sparsity_c,
+        pre_act_coef=config.pre_act_coef,
+    )
+    if not torch.isfinite(loss.total):
+        raise TrainingError(
+            f"loss became {loss.total.item()} (reconstruction {loss.reconstruction.item():.4g}, sparsity"
+            f" {loss.sparsity.item():.4g}) {on_non_finite()} Try a lower --lr."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.total.backward()
+    torch.nn.utils.clip_grad_norm_(transcoder.parameters(), config.grad_clip)
+    optimizer.step()
+    return output, loss
 
 
 def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:

@@ -59,7 +59,7 @@ def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float = 2.0)
 
     Forward keeps `pre` where `pre > threshold`. Backward: `∂out/∂θ = −(θ/ε)·rect((pre − θ)/ε)`.
     """
-    return _JumpReLU.apply(pre, threshold, bandwidth)  # type: ignore[no-any-return]
+    return _JumpReLU.apply(pre, threshold, bandwidth)
 
 
 def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -37,7 +37,7 @@ class TranscoderSpec:
     n_layers: int
     d_model: int
     n_features: int  # per layer
-    activation: ActivationConfig = ActivationConfig()
+    activation: ActivationConfig = field(default_factory=ActivationConfig)
     skip: bool = False
     input_hook: str = "mlp.hook_in"
     output_hook: str = "mlp.hook_out"
@@ -183,6 +183,24 @@ class EncoderStack(nn.Module):
 
     # --- layout-specific (implemented by PLT and CLT) -----------------------------------------------------
     def decode_all(self, activations: torch.Tensor) -> torch.Tensor:
+        """`(n_layers, n_tokens, F)` → `(n_layers, n_tokens, d)` including `b_dec` (not the skip)."""
+        raise NotImplementedError
+
+    def decode_layer(
+        self, target: int, activations: Sequence[torch.Tensor], x_target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decoder_vectors(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output_layers(self, layer: int) -> range:
+        raise NotImplementedError
+
+    def decoder_norms(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fold_normalisation(self, input_scale: torch.Tensor, output_scale: torch.Tensor) -> None:
         raise NotImplementedError
 
     def forward(self, inputs: torch.Tensor) -> TranscoderOutput:

@@ -52,7 +52,11 @@ def build_transcoder(spec: TranscoderSpec, **kwargs: Any) -> PerLayerTranscoder 
 
 
 def save_transcoder(
-    transcoder: EncoderStack, directory: str | Path, *, model_name: str, metadata: dict[str, Any] | None = None
+    transcoder: EncoderStack,
+    directory: str | Path,
+    *,
+    model_name: str,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write `transcoder` to `directory` in circuit-tracer's format (atomically); returns the directory."""
     target = Path(directory).resolve()
@@ -162,7 +166,9 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_transcoder(directory: str | Path, *, device: str | torch.device = "cpu") -> PerLayerTranscoder | CrossLayerTranscoder:
+def load_transcoder(
+    directory: str | Path, *, device: str | torch.device = "cpu"
+) -> PerLayerTranscoder | CrossLayerTranscoder:
     """Load a PLT or CLT directory in circuit-tracer's format (ours or another tool's)."""
     root = Path(directory)
     if not root.is_dir():
@@ -223,8 +229,16 @@ def _count_layers(root: Path, pattern: str) -> int:
     return n
 
 
-def _spec_from(kind: TranscoderKind, n_layers: int, F: int, d: int, has_threshold: bool, has_skip: bool,
-               config: dict[str, Any], meta: dict[str, Any]) -> TranscoderSpec:
+def _spec_from(
+    kind: TranscoderKind,
+    n_layers: int,
+    F: int,
+    d: int,
+    has_threshold: bool,
+    has_skip: bool,
+    config: dict[str, Any],
+    meta: dict[str, Any],
+) -> TranscoderSpec:
     if config.get("activation") == "topk":
         activation = ActivationConfig("topk", int(config["k"]))
     elif "activation" in meta:
@@ -237,7 +251,12 @@ def _spec_from(kind: TranscoderKind, n_layers: int, F: int, d: int, has_threshol
             f" {has_threshold})"
         )
     return TranscoderSpec(
-        kind=kind, n_layers=n_layers, d_model=d, n_features=F, activation=activation, skip=has_skip,
+        kind=kind,
+        n_layers=n_layers,
+        d_model=d,
+        n_features=F,
+        activation=activation,
+        skip=has_skip,
         input_hook=str(config.get("feature_input_hook", "mlp.hook_in")),
         output_hook=str(config.get("feature_output_hook", "mlp.hook_out")),
     )
@@ -254,8 +273,7 @@ def _load_plt(root: Path, config: dict[str, Any], meta: dict[str, Any]) -> PerLa
     if "W_enc" not in first:
         raise TranscoderFormatError(f"{first_path}: missing tensor 'W_enc'")
     F, d = first["W_enc"].shape
-    spec = _spec_from("plt", n_layers, F, d, "activation_function.threshold" in first, "W_skip" in first, config,
-                      meta)
+    spec = _spec_from("plt", n_layers, F, d, "activation_function.threshold" in first, "W_skip" in first, config, meta)
     tc = PerLayerTranscoder(spec)
     with torch.no_grad():
         for i in range(n_layers):

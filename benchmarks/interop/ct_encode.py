@@ -183,10 +183,8 @@ def encode_all(transcoder, kind: str, inputs: torch.Tensor) -> tuple[torch.Tenso
     """inputs (L, n, d) -> (acts (L, n, F), recon (L, n, d)) via circuit-tracer methods."""
     n_layers = inputs.shape[0]
     acts = torch.stack([transcoder.encode_layer(inputs[i], i) for i in range(n_layers)])
-    if kind == "transcoder_set":
-        recon = transcoder.decode(acts, inputs)  # per layer, includes W_skip if present
-    else:
-        recon = _clt_reconstruction(transcoder, acts)
+    # PLT: per layer, includes W_skip if present
+    recon = transcoder.decode(acts, inputs) if kind == "transcoder_set" else _clt_reconstruction(transcoder, acts)
     return acts, recon
 
 
@@ -230,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(args.out), metadata=meta)
     print(
-        f"ct_encode: {kind}, {n_layers} layers, {inputs.shape[1]} tokens, "
-        f"d_transcoder={acts.shape[-1]} -> {args.out}",
+        f"ct_encode: {kind}, {n_layers} layers, {inputs.shape[1]} tokens, d_transcoder={acts.shape[-1]} -> {args.out}",
         file=sys.stderr,
     )
     return 0

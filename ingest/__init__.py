@@ -1,0 +1,1 @@
+"""Corpus ingest workers and pipelines (Dask). Not built yet: see the roadmap in README.md."""
