@@ -231,6 +231,38 @@ def transcoders_info(directory: Path) -> None:
         print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
 
 
+@transcoders_app.command("eval")
+def transcoders_eval(
+    directory: Path,
+    model: Annotated[str, typer.Option(help="Model the transcoders were trained on.")] = DEFAULT_MODEL,
+    corpus: Annotated[str, typer.Option(help="Evaluation text (held-out sequences of it are used).")] = "offline",
+    sequences: int = 8,
+    context_length: int = 64,
+) -> None:
+    """Next-token loss of the model with every MLP replaced by these transcoders (spliced CE)."""
+    from atlas.models import load_model
+    from atlas.training.activations import ActivationStream, StreamConfig
+    from atlas.training.splicing import spliced_cross_entropy
+    from atlas.transcoders import load_transcoder
+
+    try:
+        transcoder = load_transcoder(directory)
+        loaded = load_model(model)
+        stream = ActivationStream(
+            loaded,
+            StreamConfig(corpus=corpus, context_length=context_length, eval_sequences=sequences),
+            input_hook=transcoder.spec.input_hook,
+            output_hook=transcoder.spec.output_hook,
+        )
+        result = spliced_cross_entropy(loaded, transcoder, stream.evaluation_tokens())
+    except _user_errors() as err:
+        _fail(err)
+    print(
+        f"clean CE {result.clean:.4f}, spliced CE {result.spliced:.4f}, delta {result.delta:+.4f} nats over "
+        f"{result.n_tokens} tokens"
+    )
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo run goes.")] = Path("runs/demo"),

@@ -198,3 +198,49 @@ def test_kill_minus_nine_then_restart_matches_uninterrupted_cli_run(jsonl_corpus
     a, b = _final_state(tmp_path / "straight" / "transcoders"), _final_state(out / "transcoders")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0)
+
+
+def test_cli_eval_rejects_transcoders_of_another_model(
+    tiny_llama: LoadedModel, jsonl_corpus: Path, tmp_path: Path
+) -> None:
+    result = Trainer(tiny_llama, small_config(jsonl_corpus, steps=10), tmp_path / "run").run()
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atlas.cli",
+            "transcoders",
+            "eval",
+            str(result.transcoder_dir),
+            "--model",
+            "tiny-llama",
+            "--corpus",
+            str(jsonl_corpus),
+            "--context-length",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "spliced CE" in ok.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atlas.cli",
+            "transcoders",
+            "eval",
+            str(result.transcoder_dir),
+            "--model",
+            "smollm2-135m-instruct",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2
+    assert "transcoder does not fit model 'smollm2-135m-instruct': 2 layers vs the model's 30" in " ".join(
+        bad.stderr.split()
+    )

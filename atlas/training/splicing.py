@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from atlas.models.loading import LoadedModel
 from atlas.transcoders.base import EncoderStack
+from atlas.transcoders.io import check_compatible
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ def spliced_cross_entropy(
     be evaluated mid-training; leave them None for a transcoder whose normalisation is folded in.
     """
     spec = transcoder.spec
+    check_compatible(spec, n_layers=model.info.n_layers, d_model=model.info.d_model, model_name=model.info.name)
     L = spec.n_layers
     s_in = input_scale if input_scale is not None else torch.ones(L)
     s_out = output_scale if output_scale is not None else torch.ones(L)
