@@ -119,63 +119,46 @@ def train(
     fresh: Annotated[bool, typer.Option(help="Discard checkpoints in --out instead of resuming.")] = False,
 ) -> None:
     """Train transcoders with a live progress bar; resumes from the last checkpoint in --out."""
+    from atlas.training.activations import StreamConfig
+    from atlas.training.trainer import TrainConfig
+
     try:
-        result = run_training(
-            out=out,
-            model=model,
+        stream = StreamConfig(
             corpus=corpus,
             text_field=text_field,
-            kind=kind,
-            features=features,
+            context_length=context_length,
+            batch_size=batch_size,
+            chunk_sequences=chunk_sequences,
+            seed=seed,
+        )
+        config = TrainConfig(
+            kind=kind,  # type: ignore[arg-type]
+            n_features=features,
             activation=activation,
             topk=topk,
             skip=skip,
             steps=steps,
-            batch_size=batch_size,
-            context_length=context_length,
-            chunk_sequences=chunk_sequences,
             lr=lr,
             sparsity_lambda=sparsity_lambda,
             checkpoint_every=checkpoint_every,
             log_every=log_every,
-            seed=seed,
-            fresh=fresh,
+            stream=stream,
         )
+        config.spec(n_layers=1, d_model=1)  # validates kind/activation/topk before the model loads
+        result = run_training(out=out, model=model, config=config, fresh=fresh)
     except _user_errors() as err:
         _fail(err)
     print_metrics(result.final_metrics)
     console.print(f"transcoders: {result.transcoder_dir}")
 
 
-def run_training(*, out: Path, model: str, fresh: bool, **options: Any) -> Any:
-    """Build the config, load the model and train with a rich progress bar. Returns a `TrainResult`."""
+def run_training(*, out: Path, model: str, config: Any, fresh: bool) -> Any:
+    """Load the model and train `config` (a `TrainConfig`) with a rich progress bar. Returns a `TrainResult`."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from atlas.models import load_model
-    from atlas.training.activations import StreamConfig
-    from atlas.training.trainer import TrainConfig, Trainer
+    from atlas.training.trainer import Trainer
 
-    stream = StreamConfig(
-        corpus=options["corpus"],
-        text_field=options["text_field"],
-        context_length=options["context_length"],
-        batch_size=options["batch_size"],
-        chunk_sequences=options["chunk_sequences"],
-        seed=options["seed"],
-    )
-    config = TrainConfig(
-        kind=options["kind"],
-        n_features=options["features"],
-        activation=options["activation"],
-        topk=options["topk"],
-        skip=options["skip"],
-        steps=options["steps"],
-        lr=options["lr"],
-        sparsity_lambda=options["sparsity_lambda"],
-        checkpoint_every=options["checkpoint_every"],
-        log_every=options["log_every"],
-        stream=stream,
-    )
     with console.status(f"loading {model}…"):
         loaded = load_model(model)
     console.print(f"{loaded.info.name}: {loaded.info.n_layers} layers, loaded in {loaded.load_seconds:.1f}s")
@@ -270,28 +253,19 @@ def demo(
     features: int = 64,
 ) -> None:
     """Load the default model, train a small CLT on the offline corpus, print its metrics."""
+    from atlas.training.activations import StreamConfig
+    from atlas.training.trainer import TrainConfig
+
+    config = TrainConfig(
+        kind="clt",
+        n_features=features,
+        steps=steps,
+        checkpoint_every=25,
+        log_every=5,
+        stream=StreamConfig(chunk_sequences=32),
+    )
     try:
-        result = run_training(
-            out=out,
-            model=DEFAULT_MODEL,
-            corpus="offline",
-            text_field="text",
-            kind="clt",
-            features=features,
-            activation="jumprelu",
-            topk=None,
-            skip=False,
-            steps=steps,
-            batch_size=256,
-            context_length=64,
-            chunk_sequences=32,
-            lr=None,
-            sparsity_lambda=1.0,
-            checkpoint_every=25,
-            log_every=5,
-            seed=0,
-            fresh=False,
-        )
+        result = run_training(out=out, model=DEFAULT_MODEL, config=config, fresh=False)
     except _user_errors() as err:
         _fail(err)
     print_metrics(result.final_metrics)

@@ -204,21 +204,9 @@ def test_cli_eval_rejects_transcoders_of_another_model(
     tiny_llama: LoadedModel, jsonl_corpus: Path, tmp_path: Path
 ) -> None:
     result = Trainer(tiny_llama, small_config(jsonl_corpus, steps=10), tmp_path / "run").run()
+    eval_command = [sys.executable, "-m", "atlas.cli", "transcoders", "eval", str(result.transcoder_dir)]
     ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "atlas.cli",
-            "transcoders",
-            "eval",
-            str(result.transcoder_dir),
-            "--model",
-            "tiny-llama",
-            "--corpus",
-            str(jsonl_corpus),
-            "--context-length",
-            "32",
-        ],
+        [*eval_command, "--model", "tiny-llama", "--corpus", str(jsonl_corpus), "--context-length", "32"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -226,19 +214,7 @@ def test_cli_eval_rejects_transcoders_of_another_model(
     assert ok.returncode == 0, ok.stderr
     assert "spliced CE" in ok.stdout
     bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "atlas.cli",
-            "transcoders",
-            "eval",
-            str(result.transcoder_dir),
-            "--model",
-            "smollm2-135m-instruct",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [*eval_command, "--model", "smollm2-135m-instruct"], capture_output=True, text=True, timeout=300
     )
     assert bad.returncode == 2
     assert "transcoder does not fit model 'smollm2-135m-instruct': 2 layers vs the model's 30" in " ".join(
