@@ -99,7 +99,8 @@ def main() -> None:
     print(
         f"{spec.kind.upper()} {spec.n_layers}×{spec.n_features} on {result.n_tokens} tokens of {args.model}: "
         f"max |Δ activation| {result.max_activation_diff:.2e}, max |Δ reconstruction| "
-        f"{result.max_reconstruction_diff:.2e} (active share {result.active_share:.3f})"
+        f"{result.max_reconstruction_diff:.2e} of max |reconstruction| {result.reconstruction_scale:.3g}"
+        f" (active share {result.active_share:.3f})"
     )
 
 
