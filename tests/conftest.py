@@ -9,6 +9,9 @@ import pytest
 
 from atlas.models import LoadedModel, load_model
 
+# Neo4j fixtures: NEO4J_URI, else testcontainers with a Docker engine, else the managed local server.
+pytest_plugins = ["neo4j_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def tiny_llama() -> LoadedModel:

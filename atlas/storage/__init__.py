@@ -1,0 +1,1 @@
+"""Storage: Neo4j graph store and DuckDB statistics."""
