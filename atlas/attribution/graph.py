@@ -81,7 +81,6 @@ class AttributionGraph:
         """Arrow tables `(nodes, edges)` in `NODE_SCHEMA` / `EDGE_SCHEMA`."""
         index = self.index
         rows: dict[str, list[Any]] = {name: [] for name in NODE_SCHEMA.names}
-        n_features = index.n_features
         for i in range(index.n_nodes):
             node = index.node_at(i)
             layer = feature = token_id = token = activation = probability = None
@@ -106,7 +105,7 @@ class AttributionGraph:
             rows["position"].append(node.position)
             rows["feature"].append(feature)
             rows["feature_key"].append(
-                feature_key(self.transcoder_id, layer, feature) if i < n_features and layer is not None else None
+                feature_key(self.transcoder_id, node.layer, node.feature) if isinstance(node, FeatureNode) else None
             )
             rows["token_id"].append(token_id)
             rows["token"].append(token)
