@@ -1,0 +1,342 @@
+"""Build a prompt's attribution graph: exact direct effects in the local replacement model, kept sparse.
+
+Algorithm (phases are timed in the log):
+1. context: one clean forward; transcoder features, error vectors, freeze points (`atlas.attribution.context`).
+2. frozen forward: the prompt replicated `batch_size` times through the local replacement model: attention
+   patterns and norm scales detached, every MLP output a constant leaf (its clean value) plus the transcoder's skip
+   (the only gradient path across an MLP), token embeddings a leaf.
+3. rows: each batch of targets injects its read-out vector (a feature's encoder row at its input hook and position,
+   or a target's direction at the final residual) and one `torch.autograd.grad` call returns gradients at every MLP
+   output and at the embeddings. Targets are grouped by layer, so a backward pass only traverses the layers below
+   its deepest target. Edge weights are dot products of those gradients with each source's vector: activation ×
+   decoder row (summed over a CLT feature's output layers), error vector, token embedding. Only nonzero weights are
+   stored: the graph is never a dense `n_nodes²` matrix.
+4. selection: logit rows first; then, with `max_feature_nodes`, features in order of their estimated influence on
+   the targets (re-estimated every `update_interval` batches from the rows so far), until the cap.
+   Features never visited are not dropped: their outgoing edges are folded into the error node at their (layer,
+   position), so every target's incoming edges still sum to its value. `graph.folded_features` says how much.
+5. package: a `NodeIndex` over the selected features, sparse edges, activations and targets.
+
+Edges follow circuit-tracer's definition: the effect on a feature's pre-activation (without `b_enc`) or on a target
+direction at the final residual (the demeaned logit for a vocabulary target).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from atlas.attribution.context import (
+    EMBED_HOOK,
+    FINAL_RESIDUAL_HOOK,
+    PromptContext,
+    build_context,
+    mlp_output_with_skip,
+)
+from atlas.attribution.freezing import detach_hooks
+from atlas.attribution.graph import AttributionGraph
+from atlas.attribution.nodes import FeatureNode, LogitNode, NodeIndex
+from atlas.attribution.pruning import SparseEdges, influence, normalise
+from atlas.attribution.targets import Target, check_position, salient_logits
+from atlas.models.loading import LoadedModel
+from atlas.transcoders.base import EncoderStack
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    max_feature_nodes: int | None = None  # None: every active feature becomes a node
+    batch_size: int = 32  # targets per backward pass (the prompt is replicated this many times)
+    update_interval: int = 4  # batches between re-rankings of features by influence
+    zero_positions: tuple[int, ...] = (0,)  # no features or errors here (circuit-tracer's BOS convention)
+    max_n_logits: int = 10
+    desired_logit_probability: float = 0.95
+
+
+@dataclass(frozen=True)
+class _Injection:
+    layer: int | None  # None: the final residual (a target direction)
+    position: int
+    vector: torch.Tensor  # (d_model,)
+
+
+class FrozenReplacementRun:
+    """A batched forward of the local replacement model whose autograd graph serves many backward passes."""
+
+    def __init__(self, ctx: PromptContext, batch: int) -> None:
+        self.ctx = ctx
+        self.batch = batch
+        n_pos, L = ctx.n_pos, ctx.n_layers
+        self.embed_leaf = ctx.embeddings.expand(batch, n_pos, -1).clone().requires_grad_(True)
+        self.mlp_leaves = [
+            ctx.mlp_outputs[layer].expand(batch, n_pos, -1).clone().requires_grad_(True) for layer in range(L)
+        ]
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.final: torch.Tensor | None = None
+
+        def read_input(layer: int) -> Any:
+            def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
+                self.inputs[layer] = tensor
+                return tensor
+
+            return hook
+
+        def write_output(layer: int) -> Any:
+            return lambda tensor, hook: mlp_output_with_skip(ctx, layer, self.mlp_leaves[layer], self.inputs[layer])
+
+        def read_final(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
+            self.final = tensor
+            return tensor
+
+        hooks: list[tuple[str, Any]] = [(EMBED_HOOK, lambda tensor, hook: self.embed_leaf)]
+        hooks += detach_hooks(list(ctx.frozen))
+        for layer in range(L):
+            hooks += [(ctx.input_hook(layer), read_input(layer)), (ctx.output_hook(layer), write_output(layer))]
+        hooks.append((FINAL_RESIDUAL_HOOK, read_final))
+        tokens = ctx.tokens.view(1, -1).expand(batch, -1).to(ctx.model.device)
+        with torch.enable_grad():
+            ctx.model.model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+    def gradients(self, injections: list[_Injection]) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        """Gradients `(batch, n_pos, d)` at every MLP output and at the embeddings, one batch row per injection."""
+        if len(injections) > self.batch:
+            raise ValueError(f"{len(injections)} injections for a batch of {self.batch}")
+        grads: dict[int | None, torch.Tensor] = {}
+        for row, injection in enumerate(injections):
+            if injection.layer not in grads:
+                source = self.final if injection.layer is None else self.inputs[injection.layer]
+                assert source is not None
+                grads[injection.layer] = torch.zeros_like(source)
+            grads[injection.layer][row, injection.position] = injection.vector.to(grads[injection.layer].dtype)
+        outputs = [self.final if layer is None else self.inputs[layer] for layer in grads]
+        result = torch.autograd.grad(
+            outputs,  # type: ignore[arg-type]
+            [*self.mlp_leaves, self.embed_leaf],
+            grad_outputs=list(grads.values()),
+            retain_graph=True,
+            allow_unused=True,
+        )
+        mlp_grads: list[torch.Tensor | None] = list(result[:-1])
+        embed_grad = result[-1] if result[-1] is not None else torch.zeros_like(self.embed_leaf)
+        return mlp_grads, embed_grad
+
+
+class _SourceVectors:
+    """Everything needed to turn gradients into edge weights from every source (full active-feature layout)."""
+
+    def __init__(self, ctx: PromptContext, active: torch.Tensor) -> None:
+        self.ctx = ctx
+        self.n_active = int(active.shape[0])
+        self.by_layer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, range]] = []
+        transcoder = ctx.transcoder
+        for layer in range(ctx.n_layers):
+            rows = (active[:, 0] == layer).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            positions, features = active[rows, 1], active[rows, 2]
+            values = ctx.activations[layer, positions, features]
+            with torch.no_grad():
+                decoders = transcoder.decoder_vectors(layer, features).detach()  # (k, n_out, d)
+            self.by_layer.append((rows, positions, values, decoders, transcoder.output_layers(layer)))
+
+    @property
+    def n_sources(self) -> int:
+        return self.n_active + self.ctx.n_layers * self.ctx.n_pos + self.ctx.n_pos
+
+    @torch.no_grad()
+    def edge_rows(self, mlp_grads: list[torch.Tensor | None], embed_grad: torch.Tensor) -> torch.Tensor:
+        """`(batch, n_sources)` direct effects on each batch row's target."""
+        ctx = self.ctx
+        batch = embed_grad.shape[0]
+        out = torch.zeros(batch, self.n_sources, dtype=embed_grad.dtype)
+        for rows, positions, values, decoders, outputs in self.by_layer:
+            contribution = torch.zeros(batch, rows.numel(), dtype=embed_grad.dtype)
+            for offset, target_layer in enumerate(outputs):
+                grad = mlp_grads[target_layer]
+                if grad is not None:
+                    contribution += (grad[:, positions, :] * decoders[:, offset, :]).sum(-1)
+            out[:, rows] = contribution * values
+        start = self.n_active
+        for layer in range(ctx.n_layers):
+            grad = mlp_grads[layer]
+            if grad is not None:
+                out[:, start + layer * ctx.n_pos : start + (layer + 1) * ctx.n_pos] = (grad * ctx.errors[layer]).sum(-1)
+        start += ctx.n_layers * ctx.n_pos
+        out[:, start : start + ctx.n_pos] = (embed_grad * ctx.embeddings).sum(-1)
+        return out
+
+
+def attribute(
+    model: LoadedModel,
+    transcoder: EncoderStack,
+    prompt: str | torch.Tensor,
+    *,
+    targets: list[Target] | None = None,
+    config: AttributionConfig | None = None,
+    transcoder_id: str = "transcoders",
+) -> AttributionGraph:
+    """Attribution graph of `prompt` (text, BOS prepended; or token ids `(n_pos,)` used as given)."""
+    config = config or AttributionConfig()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            from atlas.attribution.context import PromptError
+
+            raise PromptError("the prompt is empty")
+        tokens = model.tokenize(prompt)[0].cpu()
+        text = prompt
+    else:
+        tokens = prompt.flatten().cpu()
+        text = model.tokenizer.decode(tokens.tolist())
+    ctx = build_context(model, transcoder, tokens, zero_positions=config.zero_positions)
+    W_U = model.model.W_U.detach().float()
+    if targets is None:
+        position = ctx.n_pos - 1
+        targets = salient_logits(
+            ctx.logits[position],
+            W_U,
+            model.tokenizer,
+            position,
+            max_n_logits=config.max_n_logits,
+            desired_probability=config.desired_logit_probability,
+        )
+    targets = [
+        Target(t.label, check_position(t.position, ctx.n_pos), t.direction, t.weight, t.token_id) for t in targets
+    ]
+    if not targets:
+        raise ValueError("no attribution targets")
+    timings["context"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    run = FrozenReplacementRun(ctx, config.batch_size)
+    active = ctx.active_features()
+    sources = _SourceVectors(ctx, active)
+    timings["frozen_forward"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    n_active = sources.n_active
+    logit_offset = sources.n_sources  # full layout: [active features | errors | tokens | logits]
+    n_full = logit_offset + len(targets)
+    collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def run_batches(row_ids: list[int], injections: list[_Injection]) -> None:
+        for i in range(0, len(injections), config.batch_size):
+            chunk = injections[i : i + config.batch_size]
+            rows = sources.edge_rows(*run.gradients(chunk))[: len(chunk)]
+            r, c = rows.nonzero(as_tuple=True)
+            ids = torch.tensor(row_ids[i : i + config.batch_size])
+            collected.append((ids[r], c, rows[r, c]))
+
+    run_batches(
+        [logit_offset + j for j in range(len(targets))],
+        [_Injection(None, t.position, t.direction.to(ctx.inputs.dtype)) for t in targets],
+    )
+    encoder = transcoder.W_enc.detach()
+    cap = n_active if config.max_feature_nodes is None else min(config.max_feature_nodes, n_active)
+    visited = torch.zeros(n_active, dtype=torch.bool)
+    seed = torch.zeros(n_full)
+    seed[logit_offset:] = torch.tensor([t.weight for t in targets])
+    while int(visited.sum()) < cap:
+        if cap == n_active:
+            order = torch.arange(n_active)  # uncapped: layer order, so backward passes stop early
+        else:
+            current = influence(normalise(_edges(collected, n_full)), seed)[:n_active]
+            order = current.argsort(descending=True, stable=True)
+        pending = order[~visited[order]][: min(cap - int(visited.sum()), config.update_interval * config.batch_size)]
+        pending = pending[active[pending, 0].argsort(stable=True)]  # group by layer within the chunk
+        visited[pending] = True
+        run_batches(
+            pending.tolist(),
+            [
+                _Injection(int(active[i, 0]), int(active[i, 1]), encoder[int(active[i, 0]), int(active[i, 2])])
+                for i in pending.tolist()
+            ],
+        )
+    timings["rows"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    graph = _package(ctx, active, visited, _edges(collected, n_full), targets, text, config, transcoder_id)
+    timings["package"] = time.perf_counter() - start
+    graph.settings["timings"] = timings
+    log.info("attribution: %s", ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return graph
+
+
+def _edges(collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_nodes: int) -> SparseEdges:
+    if not collected:
+        empty = torch.zeros(0, dtype=torch.long)
+        return SparseEdges(empty, empty, torch.zeros(0), n_nodes)
+    target, source, weight = (torch.cat(parts) for parts in zip(*collected, strict=True))
+    return SparseEdges(target, source, weight, n_nodes)
+
+
+def _package(
+    ctx: PromptContext,
+    active: torch.Tensor,
+    visited: torch.Tensor,
+    edges: SparseEdges,
+    targets: list[Target],
+    text: str,
+    config: AttributionConfig,
+    transcoder_id: str,
+) -> AttributionGraph:
+    """Re-index from the full active layout to the selected features; fold unvisited features into errors."""
+    n_active, L, n_pos = int(active.shape[0]), ctx.n_layers, ctx.n_pos
+    selected = visited.nonzero().flatten()
+    n_selected = int(selected.numel())
+    shift = n_active - n_selected
+    mapping = torch.empty(edges.n_nodes, dtype=torch.long)
+    mapping[selected] = torch.arange(n_selected)
+    unvisited = (~visited).nonzero().flatten()
+    error_start = n_selected
+    mapping[unvisited] = error_start + active[unvisited, 0] * n_pos + active[unvisited, 1]
+    mapping[n_active:] = torch.arange(n_active, edges.n_nodes) - shift
+
+    def is_visited_feature(indices: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros_like(indices, dtype=torch.bool)
+        inside = indices < n_active
+        mask[inside] = visited[indices[inside]]
+        return mask
+
+    kept = edges.select((edges.target >= n_active) | is_visited_feature(edges.target))  # rows of unvisited: none
+    folded = (kept.source < n_active) & ~is_visited_feature(kept.source)
+    n_final = edges.n_nodes - shift
+    target, source = mapping[kept.target], mapping[kept.source]
+    key = target * n_final + source
+    unique, inverse = key.unique(return_inverse=True)
+    weight = torch.zeros(unique.numel(), dtype=kept.weight.dtype).index_add_(0, inverse, kept.weight)
+    nonzero = weight != 0
+    final_edges = SparseEdges(unique[nonzero] // n_final, unique[nonzero] % n_final, weight[nonzero], n_final)
+
+    features = [FeatureNode(layer, position, feature) for layer, position, feature in active[selected].tolist()]
+    logits = [LogitNode(t.position, t.token_id, t.label) for t in targets]
+    index = NodeIndex(features, n_layers=L, tokens=ctx.tokens.tolist(), logits=logits)
+    folded_abs = float(kept.weight[folded].abs().sum())
+    total_abs = float(kept.weight.abs().sum())
+    target_values = torch.tensor([float(t.direction @ ctx.final_residual[t.position]) for t in targets])
+    return AttributionGraph(
+        prompt=text,
+        tokens=ctx.tokens.tolist(),
+        token_strings=[ctx.model.tokenizer.decode([t]) for t in ctx.tokens.tolist()],
+        index=index,
+        edges=final_edges,
+        activations=ctx.activations[active[selected, 0], active[selected, 1], active[selected, 2]],
+        target_probabilities=torch.tensor([t.weight for t in targets]),
+        target_logits=target_values,
+        error_norms=ctx.errors.norm(dim=-1),
+        model_name=ctx.model.info.name,
+        transcoder_id=transcoder_id,
+        settings={**asdict(config), "zero_positions": list(ctx.zero_positions)},
+        folded_features={
+            "n_active": n_active,
+            "n_selected": n_selected,
+            "n_folded_into_errors": n_active - n_selected,
+            "folded_edge_abs_share": folded_abs / total_abs if total_abs else 0.0,
+        },
+    )

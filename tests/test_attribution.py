@@ -1,0 +1,238 @@
+"""Attribution engine oracles on both tiny architectures, PLT and CLT: completeness and constrained interventions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atlas.attribution.context import PromptContext, PromptError, build_context
+from atlas.attribution.engine import AttributionConfig, attribute
+from atlas.attribution.graph import AttributionGraph
+from atlas.attribution.interventions import FeatureIntervention, constrained_run, generate, intervene
+from atlas.attribution.nodes import ErrorNode, NodeKind, TokenNode
+from atlas.attribution.targets import TargetError, logit_difference, token_targets
+from atlas.models import LoadedModel, load_model
+from atlas.transcoders import TranscoderFormatError, TranscoderSpec, build_transcoder
+from atlas.transcoders.base import EncoderStack
+
+PROMPT = "When Mary and John went to the store"
+NO_ZEROING = AttributionConfig(zero_positions=(), batch_size=16)
+
+
+def random_transcoder(model: LoadedModel, kind: str, *, skip: bool = False, b_dec: bool = True) -> EncoderStack:
+    """Random weights with encoder biases calibrated so roughly 15 % of features fire on the prompt."""
+    torch.manual_seed(1)
+    spec = TranscoderSpec(kind=kind, n_layers=model.info.n_layers, d_model=model.info.d_model, n_features=24, skip=skip)  # type: ignore[arg-type]
+    transcoder = build_transcoder(spec)
+    with torch.no_grad():
+        for param in transcoder.parameters():
+            param.normal_(0, 0.3)
+        if transcoder.log_threshold is not None:
+            transcoder.log_threshold.fill_(-3.0)
+        if not b_dec:
+            transcoder.b_dec.zero_()
+        ctx = build_context(model, transcoder, model.tokenize(PROMPT)[0], zero_positions=())
+        pre = torch.bmm(ctx.inputs, transcoder.W_enc.transpose(1, 2))
+        transcoder.b_enc.copy_(-torch.quantile(pre, 0.85, dim=1) + 0.05)
+    return transcoder
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
+def model(request: pytest.FixtureRequest) -> LoadedModel:
+    return load_model(request.param)
+
+
+def dense(graph: AttributionGraph) -> torch.Tensor:
+    return graph.edges.to_dense().double()
+
+
+def target_values(
+    ctx: PromptContext, graph: AttributionGraph, result_final: torch.Tensor, result_pre: torch.Tensor
+) -> torch.Tensor:
+    """Per-node value read out from a run: pre-activation − b_enc for features, direction·h for targets."""
+    index = graph.index
+    values = torch.zeros(index.n_nodes, dtype=torch.float64)
+    b_enc = ctx.transcoder.b_enc.detach()
+    for i, node in enumerate(index.features):
+        values[i] = result_pre[node.layer, node.position, node.feature] - b_enc[node.layer, node.feature]
+    logit_slice = index.slice(NodeKind.LOGIT)
+    for j, node in enumerate(index.logits):
+        direction = graph_directions(ctx, graph)[j]
+        values[logit_slice.start + j] = direction @ result_final[node.position]
+    return values
+
+
+def graph_directions(ctx: PromptContext, graph: AttributionGraph) -> list[torch.Tensor]:
+    W_U = ctx.model.model.W_U.detach().float()
+    centred = W_U - W_U.mean(1, keepdim=True)
+    return [centred[:, node.token_id] for node in graph.index.logits]
+
+
+def test_pure_completeness_llama_without_biases() -> None:
+    """No bias anywhere (Llama, b_dec = 0): in-edges sum to pre − b_enc and to the demeaned logit themselves."""
+    model = load_model("tiny-llama")
+    for kind in ("plt", "clt"):
+        transcoder = random_transcoder(model, kind, b_dec=False)
+        graph = attribute(model, transcoder, PROMPT, config=NO_ZEROING)
+        ctx = build_context(model, transcoder, torch.tensor(graph.tokens), zero_positions=())
+        sums = dense(graph).sum(1)
+        assert graph.index.n_features > 20
+        for i, node in enumerate(graph.index.features):
+            pre = ctx.inputs[node.layer, node.position] @ transcoder.W_enc[node.layer, node.feature]
+            assert float(sums[i]) == pytest.approx(float(pre), rel=1e-4, abs=1e-5)
+        logits = ctx.logits[-1]
+        start = graph.index.slice(NodeKind.LOGIT).start
+        for j, node in enumerate(graph.index.logits):
+            demeaned = logits[node.token_id] - logits.mean()
+            assert float(sums[start + j]) == pytest.approx(float(demeaned), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "skip"), [("plt", False), ("clt", False), ("plt", True), ("clt", True)])
+def test_completeness_with_constant_terms(model: LoadedModel, kind: str, skip: bool) -> None:
+    """In-edges + the constant part (biases, b_dec, positions: the frozen model with every source removed) = value."""
+    transcoder = random_transcoder(model, kind, skip=skip)
+    graph = attribute(model, transcoder, PROMPT, config=NO_ZEROING)
+    ctx = build_context(model, transcoder, torch.tensor(graph.tokens), zero_positions=())
+    clean = constrained_run(ctx)
+    constant = constrained_run(
+        ctx, feature_delta=-ctx.activations, embed_delta=-ctx.embeddings, error_delta=-ctx.errors
+    )
+    value = target_values(ctx, graph, clean.final_residual, clean.pre_activations)
+    const = target_values(ctx, graph, constant.final_residual, constant.pre_activations)
+    rows = torch.cat(
+        [
+            torch.arange(graph.index.n_features),
+            torch.arange(*graph.index.slice(NodeKind.LOGIT).indices(graph.index.n_nodes)),
+        ]
+    )
+    sums = dense(graph).sum(1)
+    torch.testing.assert_close(sums[rows] + const[rows], value[rows], rtol=1e-4, atol=1e-4)
+    # the clean constrained run is the real model
+    torch.testing.assert_close(clean.logits, ctx.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_constrained_interventions_reproduce_edges(model: LoadedModel, kind: str) -> None:
+    transcoder = random_transcoder(model, kind)
+    graph = attribute(model, transcoder, PROMPT, config=NO_ZEROING)
+    ctx = build_context(model, transcoder, torch.tensor(graph.tokens), zero_positions=())
+    adjacency = dense(graph)
+    clean = constrained_run(ctx)
+    base = target_values(ctx, graph, clean.final_residual, clean.pre_activations)
+    index = graph.index
+    rows = torch.cat(
+        [torch.arange(index.n_features), torch.arange(*index.slice(NodeKind.LOGIT).indices(index.n_nodes))]
+    )
+
+    def check(column: int, result: object) -> None:
+        changed = target_values(ctx, graph, result.final_residual, result.pre_activations)  # type: ignore[attr-defined]
+        torch.testing.assert_close(changed[rows] - base[rows], adjacency[rows, column], atol=1e-4, rtol=1e-4)
+
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randperm(index.n_features, generator=generator)[:50].tolist()
+    assert len(sample) >= min(50, index.n_features) and index.n_features >= 50
+    for i in sample:
+        node = index.features[i]
+        delta = torch.zeros_like(ctx.activations)
+        delta[node.layer, node.position, node.feature] = ctx.activations[node.layer, node.position, node.feature]
+        check(i, constrained_run(ctx, feature_delta=delta))  # doubling the feature adds its edges once
+    for position in range(index.n_pos):
+        embed = torch.zeros_like(ctx.embeddings)
+        embed[position] = ctx.embeddings[position]
+        check(index.index_of(TokenNode(position, graph.tokens[position])), constrained_run(ctx, embed_delta=embed))
+        for layer in range(index.n_layers):
+            error = torch.zeros_like(ctx.errors)
+            error[layer, position] = ctx.errors[layer, position]
+            check(index.index_of(ErrorNode(layer, position)), constrained_run(ctx, error_delta=error))
+
+
+def test_feature_cap_folds_unvisited_features_into_errors(model: LoadedModel) -> None:
+    transcoder = random_transcoder(model, "clt")
+    full = attribute(model, transcoder, PROMPT, config=NO_ZEROING)
+    capped = attribute(
+        model,
+        transcoder,
+        PROMPT,
+        config=AttributionConfig(zero_positions=(), batch_size=8, max_feature_nodes=12, update_interval=1),
+    )
+    assert capped.index.n_features == 12
+    assert capped.folded_features["n_folded_into_errors"] == full.index.n_features - 12
+    assert 0 < capped.folded_features["folded_edge_abs_share"] < 1
+    # logit rows keep their totals: nothing is dropped, only moved into error nodes
+    full_logits = dense(full).sum(1)[full.index.slice(NodeKind.LOGIT)]
+    capped_logits = dense(capped).sum(1)[capped.index.slice(NodeKind.LOGIT)]
+    torch.testing.assert_close(capped_logits, full_logits, rtol=1e-5, atol=1e-5)
+    # the kept features are the most influential ones by direct effect on the targets, not the first 12
+    assert [n for n in capped.index.features] != list(full.index.features[:12])
+
+
+def test_position_zero_convention_and_targets_anywhere(model: LoadedModel) -> None:
+    transcoder = random_transcoder(model, "plt")
+    graph = attribute(model, transcoder, PROMPT)  # default: position 0 zeroed
+    assert all(node.position > 0 for node in graph.index.features)
+    tokens = model.tokenize(PROMPT)[0]
+    middle = attribute(
+        model,
+        transcoder,
+        PROMPT,
+        targets=token_targets([" ", "e"], model.model.W_U.detach(), model.tokenizer, position=4),
+    )
+    assert [node.position for node in middle.index.logits] == [4, 4]
+    logit_rows = torch.arange(*middle.index.slice(NodeKind.LOGIT).indices(middle.index.n_nodes))
+    sources = middle.edges.source[torch.isin(middle.edges.target, logit_rows)]
+    assert sources.numel() > 0
+    assert all(middle.index.node_at(int(s)).position <= 4 for s in sources)  # causal: nothing after position 4
+    diff = logit_difference("M", "J", model.model.W_U.detach(), model.tokenizer, position=len(tokens) - 1)
+    assert attribute(model, transcoder, PROMPT, targets=[diff]).index.n_logits == 1
+
+
+def test_bad_input_is_rejected(model: LoadedModel) -> None:
+    transcoder = random_transcoder(model, "plt")
+    with pytest.raises(PromptError, match="empty"):
+        attribute(model, transcoder, "   ")
+    with pytest.raises(PromptError, match="more than the model's context of 64"):
+        attribute(model, transcoder, "x" * 100)
+    with pytest.raises(TargetError, match="not a single token"):
+        token_targets(["ab"], model.model.W_U.detach(), model.tokenizer, position=-1)
+    wrong = build_transcoder(TranscoderSpec(kind="plt", n_layers=3, d_model=32, n_features=4))
+    with pytest.raises(TranscoderFormatError, match="3 layers vs the model's 2"):
+        attribute(model, wrong, PROMPT)
+
+
+def test_intervention_modes(model: LoadedModel) -> None:
+    transcoder = random_transcoder(model, "clt")
+    ctx = build_context(model, transcoder, model.tokenize(PROMPT)[0], zero_positions=())
+    for mode in ("constrained", "frozen_attention", "open_loop"):
+        torch.testing.assert_close(intervene(ctx, [], mode=mode).logits, ctx.logits, rtol=1e-4, atol=1e-4)  # type: ignore[arg-type]
+    # steer the strongest early feature hard
+    layer0 = ctx.activations[0]
+    position, feature = divmod(int(layer0.argmax()), layer0.shape[1])
+    edit = [FeatureIntervention(0, feature, position, "scale", 8.0)]
+    constrained = intervene(ctx, edit, mode="constrained")
+    frozen = intervene(ctx, edit, mode="frozen_attention")
+    open_loop = intervene(ctx, edit, mode="open_loop")
+    # constrained: later features keep their clean activations; propagating modes re-encode them
+    assert torch.equal(constrained.activations[1], ctx.activations[1])
+    assert not torch.allclose(frozen.activations[1], ctx.activations[1])
+    assert not torch.allclose(constrained.logits, frozen.logits, atol=1e-3)
+    assert not torch.allclose(frozen.logits, open_loop.logits, atol=1e-4)
+    # positions before the edit are untouched in every mode (causality)
+    for result in (constrained, frozen, open_loop):
+        torch.testing.assert_close(result.logits[:position], ctx.logits[:position], rtol=1e-4, atol=1e-4)
+    assert frozen.activations[0, position, feature] == pytest.approx(8 * float(layer0[position, feature]))
+
+
+def test_generation_holds_an_open_ended_intervention(model: LoadedModel) -> None:
+    transcoder = random_transcoder(model, "plt")
+    ctx = build_context(model, transcoder, model.tokenize(PROMPT)[0])
+    baseline = generate(ctx, [], max_new_tokens=6)
+    tokens = ctx.tokens.clone()
+    for _ in range(6):
+        with torch.no_grad():
+            tokens = torch.cat([tokens, model.model(tokens.view(1, -1))[0, -1].argmax().view(1)])
+    assert baseline.tokens == tokens.tolist()  # no intervention: the model's own greedy continuation
+    last_layer = model.info.n_layers - 1
+    steer = [FeatureIntervention(last_layer, f, slice(ctx.n_pos - 1, None), "set", 50.0) for f in range(4)]
+    steered = generate(ctx, steer, max_new_tokens=6)
+    assert steered.new_tokens != baseline.new_tokens
+    assert len(steered.new_tokens) == 6
