@@ -332,7 +332,11 @@ def _package(
         error_norms=ctx.errors.norm(dim=-1),
         model_name=ctx.model.info.name,
         transcoder_id=transcoder_id,
-        settings={**asdict(config), "zero_positions": list(ctx.zero_positions)},
+        settings={
+            **asdict(config),
+            "zero_positions": list(ctx.zero_positions),
+            "vocab_size": ctx.model.info.vocab_size,
+        },
         folded_features={
             "n_active": n_active,
             "n_selected": n_selected,
