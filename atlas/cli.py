@@ -247,6 +247,64 @@ def transcoders_eval(
 
 
 @app.command()
+def attribute(
+    prompt: Annotated[str, typer.Option(help="Text to attribute (BOS is prepended).")],
+    transcoders: Annotated[Path, typer.Option(help="Transcoder directory (circuit-tracer format).")],
+    model: Annotated[str, typer.Option(help="Model the transcoders belong to.")] = DEFAULT_MODEL,
+    target: Annotated[list[str] | None, typer.Option(help="Target token (repeatable); default: top logits.")] = None,
+    position: Annotated[int, typer.Option(help="Position the targets are read at (-1: last).")] = -1,
+    max_feature_nodes: Annotated[int | None, typer.Option(help="Cap on feature nodes (influence order).")] = None,
+    batch_size: int = 32,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write circuit-tracer graph JSON here.")] = None,
+    parquet_out: Annotated[Path | None, typer.Option("--parquet", help="Write nodes/edges Parquet here.")] = None,
+) -> None:
+    """Build, prune and export one prompt's attribution graph."""
+    from atlas.attribution.engine import AttributionConfig
+    from atlas.attribution.engine import attribute as run_attribution
+    from atlas.attribution.export import prune_graph, write_circuit_tracer_json, write_parquet
+    from atlas.attribution.targets import token_targets
+    from atlas.models import load_model
+    from atlas.transcoders import load_transcoder
+
+    try:
+        transcoder = load_transcoder(transcoders)
+        with console.status(f"loading {model}…"):
+            loaded = load_model(model)
+        n_pos = loaded.tokenize(prompt).shape[1]
+        targets = (
+            token_targets(target, loaded.model.W_U.detach(), loaded.tokenizer, position % n_pos) if target else None
+        )
+        config = AttributionConfig(max_feature_nodes=max_feature_nodes, batch_size=batch_size)
+        with console.status("attributing…"):
+            graph = run_attribution(
+                loaded, transcoder, prompt, targets=targets, config=config, transcoder_id=str(transcoders.resolve())
+            )
+            pruned = prune_graph(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
+    except _user_errors() as err:
+        _fail(err)
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in graph.settings["timings"].items())
+    console.print(
+        f"{graph.index.n_features} feature nodes ({graph.folded_features['n_folded_into_errors']} more folded into"
+        f" errors), {graph.edges.weight.numel()} edges; pruned to {pruned.n_nodes} nodes / {pruned.n_edges} edges"
+        f" ({timings})"
+    )
+    console.print(
+        f"replacement {pruned.scores_unpruned.replacement:.3f} → {pruned.scores_pruned.replacement:.3f},"
+        f" completeness {pruned.scores_unpruned.completeness:.3f} → {pruned.scores_pruned.completeness:.3f}"
+    )
+    table = Table("target", "position", "weight", title="targets")
+    for node, weight in zip(graph.index.logits, graph.target_probabilities.tolist(), strict=True):
+        table.add_row(repr(node.label), str(node.position), f"{weight:.3f}")
+    Console().print(table)
+    if json_out:
+        console.print(f"graph JSON: {write_circuit_tracer_json(pruned, json_out, slug=json_out.stem)}")
+    if parquet_out:
+        console.print(f"Parquet: {', '.join(str(p) for p in write_parquet(pruned, parquet_out))}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo run goes.")] = Path("runs/demo"),
     steps: int = 100,

@@ -61,3 +61,31 @@ def test_smoke_training_on_the_default_model(smollm2: LoadedModel, tmp_path: Pat
     assert len(metrics["fvu"]) == 30 and metrics["ce_clean"] < 6
     clt = load_transcoder(result.transcoder_dir)
     assert clt.spec.n_layers == 30 and clt.spec.d_model == 576
+
+
+def test_attribution_on_the_default_model_is_complete(smollm2: LoadedModel) -> None:
+    """Llama architecture without biases, b_dec = 0, no position zeroing: logit rows sum to the demeaned logits."""
+    from atlas.attribution.engine import AttributionConfig, attribute
+    from atlas.attribution.nodes import NodeKind
+    from atlas.transcoders import TranscoderSpec, build_transcoder
+
+    torch.manual_seed(0)
+    clt = build_transcoder(TranscoderSpec(kind="clt", n_layers=30, d_model=576, n_features=64))
+    with torch.no_grad():
+        clt.b_dec.zero_()
+        clt.log_threshold.fill_(-4.0)  # type: ignore[union-attr]
+        clt.b_enc.fill_(-0.5)
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    graph = attribute(smollm2, clt, prompt, config=AttributionConfig(zero_positions=(), max_feature_nodes=32))
+    assert graph.index.logits[0].label == " Mary"
+    assert graph.folded_features["n_active"] > 32 == graph.index.n_features
+    sums = torch.zeros(graph.index.n_nodes, dtype=torch.float64).index_add_(
+        0, graph.edges.target, graph.edges.weight.double()
+    )
+    with torch.no_grad():
+        logits = smollm2.model(smollm2.tokenize(prompt))[0, -1].double()
+    start = graph.index.slice(NodeKind.LOGIT).start
+    for j, node in enumerate(graph.index.logits):
+        assert node.token_id is not None
+        demeaned = logits[node.token_id] - logits.mean()
+        assert float(sums[start + j]) == pytest.approx(float(demeaned), rel=1e-4)

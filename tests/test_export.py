@@ -65,3 +65,41 @@ def test_parquet_tables_follow_the_storage_schema(pruned, tmp_path: Path) -> Non
     features = nodes.filter(pq.read_table(nodes_path).column("kind").to_numpy() == "feature")
     assert all(key.startswith("tiny-clt/") for key in features.column("feature_key").to_pylist())
     assert set(nodes.column("prompt_id").to_pylist()) == {prompt_id(pruned.graph)}
+
+
+def test_cli_attribute_writes_json_and_parquet(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from atlas.cli import app
+    from atlas.transcoders import save_transcoder
+
+    torch.manual_seed(0)
+    transcoder = build_transcoder(TranscoderSpec(kind="plt", n_layers=2, d_model=32, n_features=16))
+    with torch.no_grad():
+        transcoder.b_enc.fill_(0.2)
+    directory = save_transcoder(transcoder, tmp_path / "tc", model_name="tiny-llama")
+    args = [
+        "attribute",
+        "--prompt",
+        "Mary and John",
+        "--transcoders",
+        str(directory),
+        "--model",
+        "tiny-llama",
+        "--target",
+        "M",
+        "--target",
+        "J",
+        "--json",
+        str(tmp_path / "g.json"),
+        "--parquet",
+        str(tmp_path / "pq"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert [n["clerp"].split('"')[1] for n in data["nodes"] if n["feature_type"] == "logit"] == ["M", "J"]
+    assert (tmp_path / "pq" / "edges.parquet").exists()
+    bad = CliRunner().invoke(app, [*args[:7], "--target", "Mary"])
+    assert bad.exit_code == 2
+    assert "not a single token" in bad.output
