@@ -25,6 +25,8 @@ transcoders_app = typer.Typer(help="Inspect saved transcoders.", no_args_is_help
 app.add_typer(model_app, name="model")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(transcoders_app, name="transcoders")
+db_app = typer.Typer(help="The managed local Neo4j server (NEO4J_URI points elsewhere instead).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 console = Console(stderr=True)
 
 
@@ -302,6 +304,41 @@ def attribute(
         console.print(f"graph JSON: {write_circuit_tracer_json(pruned, json_out, slug=json_out.stem)}")
     if parquet_out:
         console.print(f"Parquet: {', '.join(str(p) for p in write_parquet(pruned, parquet_out))}")
+
+
+@db_app.command("start")
+def db_start(port: Annotated[int | None, typer.Option(help="Bolt port (default: a free one).")] = None) -> None:
+    """Install (first time) and start a loopback-only Neo4j Community server; auth on, password in a 0600 file."""
+    from atlas.storage.neo4j_server import LocalNeo4jServer, Neo4jServerError
+
+    server = LocalNeo4jServer()
+    try:
+        with console.status("installing Neo4j from Maven Central (first time only)…"):
+            server.install()
+        with console.status("starting Neo4j…"):
+            connection = server.start(port=port)
+    except Neo4jServerError as err:
+        _fail(err)
+    console.print(f"Neo4j running at {connection.uri} (user {connection.user}; password in {server.password_file})")
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the managed server (no-op when it is not running)."""
+    from atlas.storage.neo4j_server import LocalNeo4jServer
+
+    console.print("stopped" if LocalNeo4jServer().stop() else "not running")
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """Print the managed server's state as JSON; exit 3 when it is not running."""
+    from atlas.storage.neo4j_server import LocalNeo4jServer
+
+    state = LocalNeo4jServer().status()
+    print(json.dumps(state, indent=2, default=str))
+    if not state.get("running"):
+        raise typer.Exit(code=3)
 
 
 @app.command()
