@@ -1,0 +1,240 @@
+"""The Neo4j graph model of the atlas, written down once: labels, properties, relationships, constraints, version.
+
+Global identity nodes (shared by every prompt, MERGEd on their key, never deleted by a prompt re-ingest):
+
+    (:Model {name})
+    (:Transcoder {id, model})-[:FOR]->(:Model)
+    (:Feature {key, transcoder, layer, index, label?})        key = "{transcoder}/{layer}/{index}" (graph.feature_key)
+    (:Token {key, model, id, text})                          a vocabulary item; key = "{model}/{id}", because token
+                                                             ids are only meaningful within one model's vocabulary
+
+Per prompt (one attribution graph; all of it replaced when the prompt is ingested again):
+
+    (:Prompt {id, text, tokens, model, transcoder, run, replacement_score, completeness_score,
+              n_nodes, n_edges, created_at, ingested_at, schema_version})
+    (:FeatureActivation:Instance {prompt_id, node_index, node_id, layer, position, activation, influence})
+        -[:OF]->(:Feature)
+    (:InputToken:Instance {prompt_id, node_index, node_id, position, token_id, influence})-[:OF]->(:Token)
+    (:ErrorNode:Instance {prompt_id, node_index, node_id, layer, position, norm, influence})
+    (:LogitTarget:Instance {prompt_id, node_index, node_id, position, token_id, label, probability, logit, influence})
+        -[:OF]->(:Token)                                     custom-direction targets (token_id null) have no OF
+
+Every instance node also carries the label `:Instance` and has exactly one `-[:IN]->(:Prompt)`. Attribution edges
+`(:Instance)-[:EDGE {weight}]->(:Instance)` join instance nodes of the same prompt only, so a path that follows
+`:EDGE` never leaves its prompt and needs no per-hop filter. `node_index` is the node's row in the prompt's Arrow node
+table (`atlas.attribution.graph.NODE_SCHEMA`), `node_id` its circuit-tracer frontend id; edge weights are the raw
+direct effects of `EDGE_SCHEMA`.
+
+Visibility: a prompt graph is written (old version deleted, new one created) in a single transaction, so a reader
+sees either the previous complete version or the new complete version of a prompt, never a part of one; every
+`(:Prompt)` in the store is complete. See `atlas.storage.neo4j_writer`.
+
+Queries for the Neo4j Browser (anchor on indexed keys):
+
+    // one prompt's graph
+    MATCH (p:Prompt {id: $prompt})<-[:IN]-(n) OPTIONAL MATCH (n)-[e:EDGE]->(m) RETURN n, e, m
+    // the instance nodes of a prompt by index; `node_index IS NOT NULL` makes the planner use the composite
+    // Instance(prompt_id, node_index) index (`{prompt_id: $prompt}` alone would scan every :Instance node)
+    MATCH (n:Instance) WHERE n.prompt_id = $prompt AND n.node_index IS NOT NULL RETURN n ORDER BY n.node_index
+    // every prompt in which a feature is active, and its strongest outgoing edges there
+    MATCH (f:Feature {key: $key})<-[:OF]-(a:FeatureActivation)-[e:EDGE]->(b)
+    RETURN a.prompt_id, a.position, a.activation, b.node_id, e.weight ORDER BY abs(e.weight) DESC LIMIT 25
+    // paths of up to 4 strong edges from a feature to the logit targets of the same prompt
+    MATCH (f:Feature {key: $key})<-[:OF]-(a:FeatureActivation)
+    MATCH p = (a)(()-[r:EDGE WHERE abs(r.weight) > $w]->()){1,4}(t:LogitTarget)
+    RETURN a.prompt_id, p LIMIT 50
+
+Constraints and indexes are created (idempotently, `IF NOT EXISTS`) before anything is written. The store records
+its model version in a singleton `(:SchemaVersion {name: "circuit-atlas", version})`; `ensure_schema` creates the
+schema, then upgrades an older store one version at a time through `MIGRATIONS` (version k -> k + 1). Version 1 is
+the first, so no migration exists yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+
+from neo4j import Driver, ManagedTransaction
+from neo4j.exceptions import ClientError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STORE_NAME = "circuit-atlas"
+
+# Labels and relationship types (the only places these strings are spelled out besides the Cypher below).
+MODEL = "Model"
+TRANSCODER = "Transcoder"
+FEATURE = "Feature"
+TOKEN = "Token"
+PROMPT = "Prompt"
+INSTANCE = "Instance"
+FEATURE_ACTIVATION = "FeatureActivation"
+INPUT_TOKEN = "InputToken"
+ERROR_NODE = "ErrorNode"
+LOGIT_TARGET = "LogitTarget"
+SCHEMA_VERSION_LABEL = "SchemaVersion"
+REL_OF = "OF"
+REL_IN = "IN"
+REL_EDGE = "EDGE"
+REL_FOR = "FOR"
+
+# Instance label by the `kind` column of NODE_SCHEMA.
+INSTANCE_LABELS: Mapping[str, str] = {
+    "feature": FEATURE_ACTIVATION,
+    "token": INPUT_TOKEN,
+    "error": ERROR_NODE,
+    "logit": LOGIT_TARGET,
+}
+
+# Uniqueness constraints as (name, label, properties); each also gives the range index behind lookups and MERGE.
+UNIQUE_KEYS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("atlas_model_name", MODEL, ("name",)),
+    ("atlas_transcoder_id", TRANSCODER, ("id",)),
+    ("atlas_feature_key", FEATURE, ("key",)),
+    ("atlas_token_key", TOKEN, ("key",)),
+    ("atlas_prompt_id", PROMPT, ("id",)),
+    # Composite; a prompt_id-only lookup uses it with `WHERE n.prompt_id = $p AND n.node_index IS NOT NULL`.
+    ("atlas_instance_key", INSTANCE, ("prompt_id", "node_index")),
+    ("atlas_schema_version_name", SCHEMA_VERSION_LABEL, ("name",)),
+)
+
+# Secondary range indexes for the common anchors of read queries, as (name, label, properties). Instance labels get
+# none of their own: every extra index on an instance label would slow down every ingest, and per-prompt lookups
+# have the composite Instance constraint above.
+RANGE_INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("atlas_feature_layer", FEATURE, ("transcoder", "layer", "index")),
+    ("atlas_token_id", TOKEN, ("id",)),
+    ("atlas_prompt_run", PROMPT, ("run",)),
+    ("atlas_prompt_model", PROMPT, ("model",)),
+)
+
+
+def _properties(var: str, properties: tuple[str, ...]) -> str:
+    inner = ", ".join(f"{var}.{p}" for p in properties)
+    return inner if len(properties) == 1 else f"({inner})"
+
+
+CONSTRAINTS: tuple[str, ...] = tuple(
+    f"CREATE CONSTRAINT {name} IF NOT EXISTS FOR (n:{label}) REQUIRE {_properties('n', props)} IS UNIQUE"
+    for name, label, props in UNIQUE_KEYS
+)
+INDEXES: tuple[str, ...] = tuple(
+    f"CREATE INDEX {name} IF NOT EXISTS FOR (n:{label}) ON ({', '.join(f'n.{p}' for p in props)})"
+    for name, label, props in RANGE_INDEXES
+)
+
+# A migration upgrades the store from version k (its key) to k + 1 inside one write transaction; the version node
+# is bumped in that same transaction, so a failed migration leaves the store at version k.
+Migration = Callable[[ManagedTransaction], None]
+MIGRATIONS: dict[int, Migration] = {}
+
+# Error codes that mean "someone else created this rule first" (concurrent ensure_schema calls).
+_ALREADY_EXISTS_CODES = frozenset(
+    {
+        "Neo.ClientError.Schema.EquivalentSchemaRuleAlreadyExists",
+        "Neo.ClientError.Schema.ConstraintAlreadyExists",
+        "Neo.ClientError.Schema.IndexAlreadyExists",
+        "Neo.ClientError.Schema.ConstraintWithNameAlreadyExists",
+        "Neo.ClientError.Schema.IndexWithNameAlreadyExists",
+    }
+)
+
+
+class SchemaVersionError(RuntimeError):
+    """The store's schema version cannot be brought to the version this code expects."""
+
+
+def token_key(model: str, token_id: int) -> str:
+    """Identity of a vocabulary item: token ids are only meaningful within one model's vocabulary."""
+    return f"{model}/{token_id}"
+
+
+def create_constraints_and_indexes(driver: Driver, database: str = "neo4j", *, timeout_s: float = 300) -> None:
+    """Create every constraint and index (idempotent) and wait until all indexes are online."""
+    # `IF NOT EXISTS` is a no-op when a rule of that name, or an equivalent rule under another name, exists.
+    for statement in (*CONSTRAINTS, *INDEXES):
+        try:
+            driver.execute_query(statement, database_=database)
+        except ClientError as exc:
+            if exc.code not in _ALREADY_EXISTS_CODES:
+                raise
+    driver.execute_query("CALL db.awaitIndexes($timeout)", timeout=int(timeout_s), database_=database)
+
+
+def read_schema_version(driver: Driver, database: str = "neo4j") -> int | None:
+    """The version recorded in the store, or None for a store without a version node."""
+    # properties(v) rather than v.version: on a new store the property key does not exist yet, and the server
+    # would send an "unknown property key" warning for every start.
+    records = driver.execute_query(
+        "MATCH (v:SchemaVersion {name: $name}) RETURN properties(v) AS props", name=STORE_NAME, database_=database
+    ).records
+    return None if not records else int(records[0]["props"]["version"])
+
+
+def _set_version(tx: ManagedTransaction, version: int) -> None:
+    tx.run(
+        "MERGE (v:SchemaVersion {name: $name}) SET v.version = $version, v.updated_at = $now",
+        name=STORE_NAME,
+        version=version,
+        now=datetime.now(UTC),
+    ).consume()
+
+
+def _migrate_step(tx: ManagedTransaction, migration: Migration, expected: int, new_version: int) -> None:
+    # Re-read inside the transaction: a concurrent ensure_schema may have migrated already (then do nothing).
+    record = tx.run("MATCH (v:SchemaVersion {name: $name}) RETURN properties(v) AS props", name=STORE_NAME).single()
+    current = None if record is None else int(record["props"]["version"])
+    if current != expected:
+        return
+    migration(tx)
+    _set_version(tx, new_version)
+
+
+def ensure_schema(
+    driver: Driver,
+    database: str = "neo4j",
+    *,
+    target_version: int = SCHEMA_VERSION,
+    migrations: Mapping[int, Migration] | None = None,
+) -> int:
+    """Create constraints and indexes, record or upgrade the schema version; return the store's version.
+
+    A store without a version node is new (or predates versioning, which only version 1 did) and is stamped with
+    `target_version`. An older store is upgraded through `migrations` (default `MIGRATIONS`), one version per
+    transaction; a store newer than this code raises `SchemaVersionError` rather than being written to.
+    """
+    migrations = MIGRATIONS if migrations is None else migrations
+    create_constraints_and_indexes(driver, database)
+    with driver.session(database=database) as session:
+        current = read_schema_version(driver, database)
+        if current is None:
+            session.execute_write(_stamp_if_absent, target_version)
+            current = read_schema_version(driver, database)
+            assert current is not None
+        if current > target_version:
+            raise SchemaVersionError(
+                f"the Neo4j store is at schema version {current}, newer than this code's {target_version}; "
+                "upgrade circuit-atlas"
+            )
+        while current < target_version:
+            migration = migrations.get(current)
+            if migration is None:
+                raise SchemaVersionError(f"no migration from schema version {current} to {current + 1}")
+            logger.info("migrating the Neo4j store from schema version %d to %d", current, current + 1)
+            session.execute_write(_migrate_step, migration, current, current + 1)
+            new = read_schema_version(driver, database)
+            assert new is not None
+            current = new
+    return current
+
+
+def _stamp_if_absent(tx: ManagedTransaction, version: int) -> None:
+    tx.run(
+        "MERGE (v:SchemaVersion {name: $name}) ON CREATE SET v.version = $version, v.updated_at = $now",
+        name=STORE_NAME,
+        version=version,
+        now=datetime.now(UTC),
+    ).consume()

@@ -1,0 +1,508 @@
+"""GraphWriter against a real Neo4j (fixtures in `neo4j_fixtures`; no mocks).
+
+Every test writes under its own prompt ids, transcoder and model names (a fresh uuid), compares store counts as
+differences, and deletes what it wrote, so the tests share the session server without seeing each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from neo4j import Driver
+from neo4j.exceptions import ServiceUnavailable
+
+from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA, feature_key
+from atlas.storage.graph_schema import (
+    RANGE_INDEXES,
+    SCHEMA_VERSION,
+    UNIQUE_KEYS,
+    SchemaVersionError,
+    ensure_schema,
+    read_schema_version,
+)
+from atlas.storage.neo4j_server import Neo4jConnection
+from atlas.storage.neo4j_writer import GraphValidationError, GraphWriter, StoreCounts
+
+Graph = tuple[dict[str, Any], pa.Table, pa.Table]
+
+
+@dataclass
+class Names:
+    """Unique names for one test; `prompt(...)` registers prompt ids for cleanup."""
+
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        return f"test-model-{self.tag}"
+
+    @property
+    def transcoder(self) -> str:
+        return f"test/clt-{self.tag}"  # a '/' inside the id, as in hub-style names
+
+    def prompt(self, name: str) -> str:
+        pid = f"test-{self.tag}-{name}"
+        self.prompts.append(pid)
+        return pid
+
+
+def make_graph(
+    names: Names,
+    prompt_id: str,
+    *,
+    features: Sequence[tuple[int, int, int, float]] = ((0, 0, 7, 1.5), (1, 1, 3, 0.25), (1, 2, 7, 2.0)),
+    errors: Sequence[tuple[int, int, float]] = ((0, 1, 0.5), (1, 2, 0.75)),
+    tokens: Sequence[int] = (101, 202, 303),
+    logits: Sequence[tuple[int | None, str, float, float]] = (
+        (404, " Paris", 0.75, 3.5),
+        (None, "direction", 0.25, 1.0),
+    ),
+    edges: Sequence[tuple[int, int, float]] | None = None,
+) -> Graph:
+    """A prompt graph in NODE_SCHEMA / EDGE_SCHEMA; rows in NodeIndex order (features, errors, tokens, logits).
+
+    `features`: (layer, position, feature, activation); `errors`: (layer, position, norm); `tokens`: token ids at
+    positions 0..; `logits`: (token_id or None for a custom direction, label, probability, logit value);
+    `edges`: (source node_index, target node_index, weight), default: a small DAG over all nodes.
+    """
+    rows: dict[str, list[Any]] = {name: [] for name in NODE_SCHEMA.names}
+
+    def add(kind: str, node_id: str, position: int, **values: Any) -> None:
+        i = len(rows["node_index"])
+        rows["prompt_id"].append(prompt_id)
+        rows["node_index"].append(i)
+        rows["node_id"].append(node_id)
+        rows["kind"].append(kind)
+        rows["position"].append(position)
+        for name in ("layer", "feature", "feature_key", "token_id", "token", "activation", "probability"):
+            rows[name].append(values.get(name))
+        rows["influence"].append(None if i % 3 == 2 else 0.125 * i)  # some nulls
+
+    for layer, pos, feat, act in features:
+        add("feature", f"{layer}_{feat}_{pos}", pos, layer=layer, feature=feat,
+            feature_key=feature_key(names.transcoder, layer, feat), activation=act)  # fmt: skip
+    for layer, pos, norm in errors:
+        add("error", f"{layer}_-1_{pos}", pos, layer=layer, activation=norm)
+    for pos, tid in enumerate(tokens):
+        add("token", f"E_{tid}_{pos}", pos, token_id=tid, token=f"tok{tid}")
+    last = max(len(tokens) - 1, 0)
+    for target, label, prob, logit in logits:
+        add("logit", f"L_{target}_{last}", last, token_id=target, token=label, probability=prob, activation=logit)
+    nodes = pa.Table.from_pydict(rows, schema=NODE_SCHEMA)
+    n = nodes.num_rows
+    if edges is None:
+        edges = [(s, t, 0.5 - 0.03125 * (s * n + t)) for s in range(n) for t in range(s + 1, min(n, s + 4))]
+    edge_table = pa.Table.from_pydict(
+        {
+            "prompt_id": [prompt_id] * len(edges),
+            "source": [e[0] for e in edges],
+            "target": [e[1] for e in edges],
+            "weight": [e[2] for e in edges],
+        },
+        schema=EDGE_SCHEMA,
+    )
+    meta = {
+        "id": prompt_id,
+        "text": "tok101 tok202 tok303",
+        "tokens": list(tokens),
+        "model": names.model,
+        "transcoder": names.transcoder,
+        "run": f"run-{names.tag}",
+        "replacement_score": 0.5,
+        "completeness_score": 0.75,
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    return meta, nodes, edge_table
+
+
+def snapshot(driver: Driver, database: str, prompt_id: str) -> dict[str, Any]:
+    """Everything stored for a prompt (instance nodes with labels, OF targets, edges, Prompt properties)."""
+    nodes = driver.execute_query(
+        """
+        MATCH (n:Instance) WHERE n.prompt_id = $pid AND n.node_index IS NOT NULL
+        OPTIONAL MATCH (n)-[:OF]->(x)
+        OPTIONAL MATCH (n)-[:IN]->(p:Prompt)
+        RETURN n.node_index AS i, labels(n) AS labels, properties(n) AS props,
+               collect(DISTINCT coalesce(x.key, '')) AS of, collect(DISTINCT p.id) AS prompts
+        ORDER BY i
+        """,
+        pid=prompt_id,
+        database_=database,
+    ).records
+    edges = driver.execute_query(
+        """
+        MATCH (a:Instance)-[e:EDGE]->(b:Instance) WHERE a.prompt_id = $pid AND a.node_index IS NOT NULL
+        RETURN a.node_index AS s, b.node_index AS t, b.prompt_id AS tp, e.weight AS w ORDER BY s, t
+        """,
+        pid=prompt_id,
+        database_=database,
+    ).records
+    prompt = driver.execute_query(
+        "MATCH (p:Prompt {id: $pid}) RETURN properties(p) AS props", pid=prompt_id, database_=database
+    ).records
+    props = dict(prompt[0]["props"]) if prompt else None
+    if props is not None:
+        props.pop("ingested_at")
+    return {
+        "nodes": [(r["i"], sorted(r["labels"]), dict(r["props"]), sorted(r["of"]), r["prompts"]) for r in nodes],
+        "edges": [(r["s"], r["t"], r["tp"], r["w"]) for r in edges],
+        "prompt": props,
+    }
+
+
+def checksum(snap: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(snap, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def count_where(driver: Driver, database: str, query: Any, **params: Any) -> int:
+    return int(driver.execute_query(query, params, database_=database).records[0][0])
+
+
+@pytest.fixture
+def db(neo4j_connection: Neo4jConnection) -> str:
+    return neo4j_connection.database
+
+
+@pytest.fixture
+def writer(neo4j_driver: Driver, db: str) -> GraphWriter:
+    return GraphWriter(neo4j_driver, db)
+
+
+@pytest.fixture
+def names(neo4j_driver: Driver, db: str) -> Iterator[Names]:
+    names = Names()
+    yield names
+    cleaner = GraphWriter(neo4j_driver, db)
+    for pid in names.prompts:
+        cleaner.delete_prompt(pid)
+    for query in (
+        "MATCH (f:Feature {transcoder: $tc}) DETACH DELETE f",
+        "MATCH (t:Token {model: $model}) DETACH DELETE t",
+        "MATCH (t:Transcoder {id: $tc}) DETACH DELETE t",
+        "MATCH (m:Model {name: $model}) DETACH DELETE m",
+    ):
+        neo4j_driver.execute_query(query, tc=names.transcoder, model=names.model, database_=db)
+
+
+def test_ensure_schema_is_idempotent_and_creates_every_rule(neo4j_driver: Driver, db: str) -> None:
+    assert ensure_schema(neo4j_driver, db) == SCHEMA_VERSION
+    assert ensure_schema(neo4j_driver, db) == SCHEMA_VERSION
+
+    def rules(query: Any) -> set[tuple[str, tuple[str, ...]]]:
+        records = neo4j_driver.execute_query(query, database_=db).records
+        return {(r["labelsOrTypes"][0], tuple(r["properties"])) for r in records if r["labelsOrTypes"]}
+
+    # Compared by schema, not by name: an equivalent rule created earlier under another name also satisfies it.
+    constraints = rules("SHOW CONSTRAINTS YIELD type, labelsOrTypes, properties WHERE type = 'UNIQUENESS' RETURN *")
+    indexes = rules("SHOW INDEXES YIELD type, labelsOrTypes, properties WHERE type = 'RANGE' RETURN *")
+    assert {(label, props) for _, label, props in UNIQUE_KEYS} <= constraints
+    assert {(label, props) for _, label, props in RANGE_INDEXES} <= indexes
+    assert count_where(neo4j_driver, db, "MATCH (v:SchemaVersion) RETURN count(v)") == 1
+
+
+def test_schema_migration_hook_upgrades_one_version_at_a_time(neo4j_driver: Driver, db: str) -> None:
+    ensure_schema(neo4j_driver, db)
+    set_version = "MATCH (v:SchemaVersion) SET v.version = $v"
+    calls: list[int] = []
+
+    def from_0(tx: Any) -> None:
+        calls.append(0)
+        tx.run("MATCH (v:SchemaVersion) SET v.migrated_from_0 = true").consume()
+
+    try:
+        neo4j_driver.execute_query(set_version, v=0, database_=db)
+        with pytest.raises(SchemaVersionError, match="no migration from schema version 0"):
+            ensure_schema(neo4j_driver, db, migrations={})
+        assert read_schema_version(neo4j_driver, db) == 0  # nothing half-done
+        assert ensure_schema(neo4j_driver, db, migrations={0: from_0}) == 1
+        assert calls == [0]
+        assert read_schema_version(neo4j_driver, db) == 1
+        assert ensure_schema(neo4j_driver, db, migrations={0: from_0}) == 1 and calls == [0]  # already there
+
+        neo4j_driver.execute_query(set_version, v=SCHEMA_VERSION + 1, database_=db)
+        with pytest.raises(SchemaVersionError, match="newer than this code"):
+            ensure_schema(neo4j_driver, db)
+    finally:
+        neo4j_driver.execute_query(
+            "MATCH (v:SchemaVersion) SET v.version = $v REMOVE v.migrated_from_0", v=SCHEMA_VERSION, database_=db
+        )
+
+
+def test_write_gives_expected_nodes_edges_and_shared_features(
+    writer: GraphWriter, neo4j_driver: Driver, db: str, names: Names
+) -> None:
+    before = writer.store_counts()
+    meta_a, nodes_a, edges_a = make_graph(names, names.prompt("a"))
+    # Prompt b shares the feature (layer 0, feature 7) with a; (1, 5) is its own; token 202 is shared too.
+    meta_b, nodes_b, edges_b = make_graph(
+        names, names.prompt("b"), features=[(0, 1, 7, 0.5), (1, 0, 5, 1.0)], tokens=[202, 505], logits=[]
+    )
+    result = writer.write_prompt(meta_a, nodes_a, edges_a)
+    assert (result.n_nodes, result.n_edges, result.replaced) == (nodes_a.num_rows, edges_a.num_rows, False)
+    writer.write_prompt(meta_b, nodes_b, edges_b)
+
+    after = writer.store_counts()
+    assert after == StoreCounts(
+        before.prompts + 2,
+        before.instance_nodes + nodes_a.num_rows + nodes_b.num_rows,
+        before.edges + edges_a.num_rows + edges_b.num_rows,
+    )
+    assert writer.prompt_exists(meta_a["id"]) and writer.prompt_exists(meta_b["id"])
+
+    # One :Feature per distinct key; the shared one is linked from both prompts.
+    keys = set(nodes_a.column("feature_key").drop_null().to_pylist()) | set(
+        nodes_b.column("feature_key").drop_null().to_pylist()
+    )
+    assert count_where(
+        neo4j_driver, db, "MATCH (f:Feature {transcoder: $tc}) RETURN count(f)", tc=names.transcoder
+    ) == len(keys)
+    shared = feature_key(names.transcoder, 0, 7)
+    records = neo4j_driver.execute_query(
+        "MATCH (f:Feature {key: $key})<-[:OF]-(a:FeatureActivation) RETURN f.layer AS layer, f.index AS index, "
+        "a.prompt_id AS pid, a.position AS pos ORDER BY pid, pos",
+        key=shared,
+        database_=db,
+    ).records
+    assert [(r["pid"], r["pos"]) for r in records] == [(meta_a["id"], 0), (meta_b["id"], 1)]
+    assert {(r["layer"], r["index"]) for r in records} == {(0, 7)}
+    # Tokens: one per (model, id), shared across prompts; the custom-direction logit has no OF.
+    assert count_where(neo4j_driver, db, "MATCH (t:Token {model: $m}) RETURN count(t)", m=names.model) == 5
+    assert count_where(neo4j_driver, db, "MATCH (t:Token {model: $m, id: 202})<-[:OF]-(n) RETURN count(n)",
+                       m=names.model) == 2  # fmt: skip
+    texts = neo4j_driver.execute_query(
+        "MATCH (t:Token {model: $m}) RETURN t.id AS id, t.text AS text ORDER BY id", m=names.model, database_=db
+    ).records
+    assert [(r["id"], r["text"]) for r in texts] == [
+        (101, "tok101"), (202, "tok202"), (303, "tok303"), (404, " Paris"), (505, "tok505")
+    ]  # fmt: skip
+
+    snap = snapshot(neo4j_driver, db, meta_a["id"])
+    expected_labels = {
+        "feature": "FeatureActivation",
+        "error": "ErrorNode",
+        "token": "InputToken",
+        "logit": "LogitTarget",
+    }
+    for row, (i, labels, props, of, prompts) in zip(nodes_a.to_pylist(), snap["nodes"], strict=True):
+        assert i == row["node_index"] and prompts == [meta_a["id"]]
+        assert labels == sorted(["Instance", expected_labels[row["kind"]]])
+        assert props["node_id"] == row["node_id"] and props["position"] == row["position"]
+        assert props.get("influence") == row["influence"]
+        if row["kind"] == "feature":
+            assert of == [row["feature_key"]] and props["activation"] == row["activation"]
+        elif row["kind"] == "error":
+            assert of == [""] and props["norm"] == row["activation"] and props["layer"] == row["layer"]
+        elif row["kind"] == "logit" and row["token_id"] is None:
+            assert of == [""] and props["label"] == "direction" and props["probability"] == row["probability"]
+        else:
+            assert of == [f"{names.model}/{row['token_id']}"]
+    expected_edges = sorted(
+        (s, t, meta_a["id"], w)
+        for s, t, w in zip(*(edges_a.column(c).to_pylist() for c in ("source", "target", "weight")), strict=True)
+    )
+    assert snap["edges"] == expected_edges  # float32 weights stored exactly (as doubles)
+    assert snap["prompt"]["n_nodes"] == nodes_a.num_rows and snap["prompt"]["n_edges"] == edges_a.num_rows
+    assert snap["prompt"]["tokens"] == [101, 202, 303] and snap["prompt"]["model"] == names.model
+
+
+def test_rewriting_a_prompt_replaces_it_without_duplicates(
+    writer: GraphWriter, neo4j_driver: Driver, db: str, names: Names
+) -> None:
+    graph = make_graph(names, names.prompt("x"))
+    pid = graph[0]["id"]
+    writer.write_prompt(*graph)
+    counts, features = writer.store_counts(), count_where(neo4j_driver, db, "MATCH (f:Feature) RETURN count(f)")
+    first = checksum(snapshot(neo4j_driver, db, pid))
+
+    again = writer.write_prompt(*graph)
+    assert again.replaced
+    assert writer.store_counts() == counts
+    assert count_where(neo4j_driver, db, "MATCH (f:Feature) RETURN count(f)") == features
+    assert checksum(snapshot(neo4j_driver, db, pid)) == first
+
+    # A different version of the same prompt replaces the old one completely.
+    smaller = make_graph(names, pid, features=[(1, 0, 9, 4.0)], errors=[], logits=[], edges=[(0, 1, 0.5), (1, 2, -1.0)])
+    writer.write_prompt(*smaller)
+    snap = snapshot(neo4j_driver, db, pid)
+    assert [n[0] for n in snap["nodes"]] == list(range(smaller[1].num_rows))
+    assert snap["edges"] == [(0, 1, pid, 0.5), (1, 2, pid, -1.0)]
+    assert writer.store_counts() == StoreCounts(
+        counts.prompts,
+        counts.instance_nodes - graph[1].num_rows + smaller[1].num_rows,
+        counts.edges - graph[2].num_rows + 2,
+    )
+
+
+def _drop(table: pa.Table, name: str) -> pa.Table:
+    return table.drop_columns([name])
+
+
+def _retype(table: pa.Table, name: str, type_: pa.DataType) -> pa.Table:
+    i = table.column_names.index(name)
+    return table.set_column(i, pa.field(name, type_), table.column(name).cast(type_))
+
+
+def _replace(table: pa.Table, name: str, values: list[Any]) -> pa.Table:
+    i = table.column_names.index(name)
+    return table.set_column(i, table.schema.field(name), pa.array(values, table.schema.field(name).type))
+
+
+def _set_first(table: pa.Table, name: str, *first: Any) -> pa.Table:
+    """`table` with the first values of column `name` replaced by `first`."""
+    return _replace(table, name, [*first, *table.column(name).to_pylist()[len(first) :]])
+
+
+BAD_INPUTS: dict[str, tuple[Any, str]] = {
+    "edges missing weight": (lambda m, n, e: (m, n, _drop(e, "weight")), "edges: missing column 'weight'"),
+    "nodes missing kind": (lambda m, n, e: (m, _drop(n, "kind"), e), "nodes: missing column 'kind'"),
+    "node_index int64": (
+        lambda m, n, e: (m, _retype(n, "node_index", pa.int64()), e),
+        "nodes: column 'node_index' has type int64, expected int32",
+    ),
+    "weight float64": (
+        lambda m, n, e: (m, n, _retype(e, "weight", pa.float64())),
+        "edges: column 'weight' has type double, expected float",
+    ),
+    "null position": (
+        lambda m, n, e: (m, _set_first(n, "position", None), e),
+        "nodes: column 'position' has 1 null",
+    ),
+    "unknown kind": (
+        lambda m, n, e: (m, _set_first(n, "kind", "feature", "mystery"), e),
+        "kind 'mystery'",
+    ),
+    "edge to missing node": (
+        lambda m, n, e: (m, n, _set_first(e, "target", 999)),
+        "edges: target 999 is not a node_index",
+    ),
+    "duplicate node_index": (
+        lambda m, n, e: (m, _set_first(n, "node_index", 0, 0), e),
+        "node_index 0 occurs more than once",
+    ),
+    "feature key of another transcoder": (
+        lambda m, n, e: (m, _set_first(n, "feature_key", "other/0/7"), e),
+        "feature_key 'other/0/7'",
+    ),
+    "other prompt id in edges": (
+        lambda m, n, e: (m, n, _replace(e, "prompt_id", ["elsewhere"] * e.num_rows)),
+        "edges: column 'prompt_id' holds values other than",
+    ),
+    "NaN weight": (
+        lambda m, n, e: (m, n, _set_first(e, "weight", float("nan"))),
+        "NaN or infinite",
+    ),
+    "meta without model": (lambda m, n, e: ({k: v for k, v in m.items() if k != "model"}, n, e), "'model'"),
+    "meta with a map": (lambda m, n, e: ({**m, "run": {"nested": 1}}, n, e), "prompt_meta['run']"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_raises_clearly_and_leaves_the_store_unchanged(
+    case: str, writer: GraphWriter, neo4j_driver: Driver, db: str, names: Names
+) -> None:
+    graph = make_graph(names, names.prompt("v"))
+    writer.write_prompt(*graph)
+    counts, before = writer.store_counts(), checksum(snapshot(neo4j_driver, db, graph[0]["id"]))
+    corrupt, message = BAD_INPUTS[case]
+    bad_changes = make_graph(names, graph[0]["id"], features=[(1, 0, 9, 4.0)])  # would change the prompt if written
+    with pytest.raises(GraphValidationError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        writer.write_prompt(*corrupt(*bad_changes))
+    assert writer.store_counts() == counts
+    assert checksum(snapshot(neo4j_driver, db, graph[0]["id"])) == before
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_failure_mid_prompt_leaves_no_partial_graph_and_keeps_the_previous_version(
+    neo4j_driver: Driver, db: str, names: Names
+) -> None:
+    writer = GraphWriter(neo4j_driver, db, batch_size=3)  # several edge batches per prompt
+    v1 = make_graph(names, names.prompt("p"))
+    pid = v1[0]["id"]
+    writer.write_prompt(*v1)
+    counts, before = writer.store_counts(), checksum(snapshot(neo4j_driver, db, pid))
+    seen: list[tuple[str, int]] = []
+    observed: list[dict[str, Any]] = []
+
+    def fail_after_first_edge_batch(stage: str, rows: int) -> None:
+        seen.append((stage, rows))
+        # While the writer's transaction is open, another session sees the old version, whole.
+        observed.append(snapshot(neo4j_driver, db, pid))
+        if stage == "edges":
+            raise Boom("injected failure after the first edge batch")
+
+    failing = GraphWriter(neo4j_driver, db, batch_size=3, after_batch=fail_after_first_edge_batch)
+    v2 = make_graph(names, pid, features=[(1, 0, 9, 4.0), (1, 1, 11, 1.0)], errors=[(0, 0, 0.1)])
+    with pytest.raises(Boom):
+        failing.write_prompt(*v2)
+    assert [s for s, _ in seen][-1] == "edges" and len(seen) >= 3  # nodes were created, one edge batch too
+    assert all(checksum(o) == before for o in observed)
+    assert writer.store_counts() == counts
+    assert checksum(snapshot(neo4j_driver, db, pid)) == before
+
+    # A brand-new prompt that fails part-way leaves nothing at all.
+    seen.clear()
+    observed.clear()
+    new = make_graph(names, names.prompt("new"))
+    with pytest.raises(Boom):
+        failing.write_prompt(*new)
+    assert not writer.prompt_exists(new[0]["id"])
+    assert snapshot(neo4j_driver, db, new[0]["id"]) == {"nodes": [], "edges": [], "prompt": None}
+    assert writer.store_counts() == counts
+
+
+def test_transient_error_is_retried_and_writes_once(neo4j_driver: Driver, db: str, names: Names) -> None:
+    attempts: list[str] = []
+
+    def flaky(stage: str, rows: int) -> None:
+        if stage == "edges" and not attempts:
+            attempts.append(stage)
+            raise ServiceUnavailable("injected: connection lost mid-prompt")
+
+    writer = GraphWriter(neo4j_driver, db, batch_size=4, after_batch=flaky)
+    graph = make_graph(names, names.prompt("flaky"))
+    before = writer.store_counts()
+    result = writer.write_prompt(*graph)
+    assert attempts == ["edges"] and not result.replaced
+    assert writer.store_counts() == StoreCounts(
+        before.prompts + 1, before.instance_nodes + graph[1].num_rows, before.edges + graph[2].num_rows
+    )
+
+
+def test_delete_prompt_and_exists(writer: GraphWriter, neo4j_driver: Driver, db: str, names: Names) -> None:
+    graph = make_graph(names, names.prompt("d"))
+    pid = graph[0]["id"]
+    assert not writer.prompt_exists(pid)
+    before = writer.store_counts()
+    writer.write_prompt(*graph)
+    assert writer.prompt_exists(pid)
+    assert writer.delete_prompt(pid)
+    assert not writer.prompt_exists(pid)
+    assert not writer.delete_prompt(pid)
+    assert writer.store_counts() == before
+    # Shared identity nodes stay for other prompts.
+    assert count_where(neo4j_driver, db, "MATCH (f:Feature {transcoder: $tc}) RETURN count(f)", tc=names.transcoder) > 0
+
+
+def test_write_prompts_on_two_threads(writer: GraphWriter, neo4j_driver: Driver, db: str, names: Names) -> None:
+    graphs = [make_graph(names, names.prompt(f"t{i}"), features=[(0, 0, 7, 1.0), (1, 1, i, 2.0)]) for i in range(6)]
+    before = writer.store_counts()
+    results = writer.write_prompts(graphs, workers=2)
+    assert [r.prompt_id for r in results] == [g[0]["id"] for g in graphs]
+    assert writer.store_counts() == StoreCounts(
+        before.prompts + 6,
+        before.instance_nodes + sum(g[1].num_rows for g in graphs),
+        before.edges + sum(g[2].num_rows for g in graphs),
+    )
+    shared = feature_key(names.transcoder, 0, 7)
+    assert count_where(neo4j_driver, db, "MATCH (f:Feature {key: $k})<-[:OF]-(a) RETURN count(a)", k=shared) == 6
