@@ -2,15 +2,16 @@
 
 Algorithm (phases are timed in the log):
 1. context: one clean forward; transcoder features, error vectors, freeze points (`atlas.attribution.context`).
-2. frozen forward: the prompt replicated `batch_size` times through the local replacement model: attention
-   patterns and norm scales detached, every MLP output a constant leaf (its clean value) plus the transcoder's skip
-   (the only gradient path across an MLP), token embeddings a leaf.
+2. frozen forward: one pass of the local replacement model (attention patterns and norm scales detached, every
+   MLP output a constant leaf (its clean value) plus the transcoder's skip, the only gradient path across an MLP,
+   token embeddings a leaf), stopped before the unembedding.
 3. rows: each batch of targets injects its read-out vector (a feature's encoder row at its input hook and position,
-   or a target's direction at the final residual) and one `torch.autograd.grad` call returns gradients at every MLP
-   output and at the embeddings. Targets are grouped by layer, so a backward pass only traverses the layers below
-   its deepest target. Edge weights are dot products of those gradients with each source's vector: activation ×
-   decoder row (summed over a CLT feature's output layers), error vector, token embedding. Only nonzero weights are
-   stored: the graph is never a dense `n_nodes²` matrix.
+   or a target's direction at the final residual) and one batched `torch.autograd.grad` call (a vector-Jacobian
+   product per target, `is_grads_batched`) returns gradients at every MLP output and at the embeddings; the forward
+   is never replicated per target, unlike circuit-tracer's. Targets are grouped by layer, so a backward pass only
+   traverses the layers below its deepest target. Edge weights are dot products of those gradients with each
+   source's vector: activation × decoder row (summed over a CLT feature's output layers), error vector, token
+   embedding. Only nonzero weights are stored: the graph is never a dense `n_nodes²` matrix.
 4. selection: logit rows first; then, with `max_feature_nodes`, features in order of their estimated influence on
    the targets (re-estimated every `update_interval` batches from the rows so far), until the cap.
    Features never visited are not dropped: their outgoing edges are folded into the error node at their (layer,
@@ -23,6 +24,7 @@ direction at the final residual (the demeaned logit for a vocabulary target).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AttributionConfig:
     max_feature_nodes: int | None = None  # None: every active feature becomes a node
-    batch_size: int = 32  # targets per backward pass (the prompt is replicated this many times)
+    batch_size: int = 32  # targets per batched backward pass
     update_interval: int = 4  # batches between re-rankings of features by influence
     zero_positions: tuple[int, ...] = (0,)  # no features or errors here (circuit-tracer's BOS convention)
     max_n_logits: int = 10
@@ -65,17 +67,24 @@ class _Injection:
     vector: torch.Tensor  # (d_model,)
 
 
+class _StopForward(Exception):
+    """Raised by the last hook we need, so the forward pass skips the unembedding."""
+
+
 class FrozenReplacementRun:
-    """A batched forward of the local replacement model whose autograd graph serves many backward passes."""
+    """One forward of the local replacement model whose autograd graph serves many batched backward passes.
+
+    The frozen model is linear, so its Jacobian is the same for every target: instead of replicating the prompt
+    `batch` times (circuit-tracer's way, memory ∝ batch × n_pos), one forward is kept and each backward pass
+    computes `batch` vector-Jacobian products at once with `torch.autograd.grad(..., is_grads_batched=True)`.
+    """
 
     def __init__(self, ctx: PromptContext, batch: int) -> None:
         self.ctx = ctx
         self.batch = batch
-        n_pos, L = ctx.n_pos, ctx.n_layers
-        self.embed_leaf = ctx.embeddings.expand(batch, n_pos, -1).clone().requires_grad_(True)
-        self.mlp_leaves = [
-            ctx.mlp_outputs[layer].expand(batch, n_pos, -1).clone().requires_grad_(True) for layer in range(L)
-        ]
+        L = ctx.n_layers
+        self.embed_leaf = ctx.embeddings.unsqueeze(0).clone().requires_grad_(True)
+        self.mlp_leaves = [ctx.mlp_outputs[layer].unsqueeze(0).clone().requires_grad_(True) for layer in range(L)]
         self.inputs: dict[int, torch.Tensor] = {}
         self.final: torch.Tensor | None = None
 
@@ -91,28 +100,31 @@ class FrozenReplacementRun:
 
         def read_final(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
             self.final = tensor
-            return tensor
+            raise _StopForward  # the unembedding's n_pos × vocab logits are never needed
 
         hooks: list[tuple[str, Any]] = [(EMBED_HOOK, lambda tensor, hook: self.embed_leaf)]
         hooks += detach_hooks(list(ctx.frozen))
         for layer in range(L):
             hooks += [(ctx.input_hook(layer), read_input(layer)), (ctx.output_hook(layer), write_output(layer))]
         hooks.append((FINAL_RESIDUAL_HOOK, read_final))
-        tokens = ctx.tokens.view(1, -1).expand(batch, -1).to(ctx.model.device)
-        with torch.enable_grad():
+        tokens = ctx.tokens.view(1, -1).to(ctx.model.device)
+        with torch.enable_grad(), contextlib.suppress(_StopForward):
             ctx.model.model.run_with_hooks(tokens, fwd_hooks=hooks)
+        if self.final is None:
+            raise RuntimeError(f"the forward pass never reached {FINAL_RESIDUAL_HOOK}")
 
     def gradients(self, injections: list[_Injection]) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-        """Gradients `(batch, n_pos, d)` at every MLP output and at the embeddings, one batch row per injection."""
+        """Gradients `(n_injections, n_pos, d)` at every MLP output and at the embeddings, one row per injection."""
         if len(injections) > self.batch:
             raise ValueError(f"{len(injections)} injections for a batch of {self.batch}")
+        rows = len(injections)
         grads: dict[int | None, torch.Tensor] = {}
         for row, injection in enumerate(injections):
             if injection.layer not in grads:
                 source = self.final if injection.layer is None else self.inputs[injection.layer]
                 assert source is not None
-                grads[injection.layer] = torch.zeros_like(source)
-            grads[injection.layer][row, injection.position] = injection.vector.to(grads[injection.layer].dtype)
+                grads[injection.layer] = torch.zeros(rows, *source.shape, dtype=source.dtype)
+            grads[injection.layer][row, 0, injection.position] = injection.vector.to(grads[injection.layer].dtype)
         outputs = [self.final if layer is None else self.inputs[layer] for layer in grads]
         result = torch.autograd.grad(
             outputs,  # type: ignore[arg-type]
@@ -120,9 +132,11 @@ class FrozenReplacementRun:
             grad_outputs=list(grads.values()),
             retain_graph=True,
             allow_unused=True,
+            is_grads_batched=True,
         )
-        mlp_grads: list[torch.Tensor | None] = list(result[:-1])
-        embed_grad = result[-1] if result[-1] is not None else torch.zeros_like(self.embed_leaf)
+        mlp_grads: list[torch.Tensor | None] = [None if g is None else g[:, 0] for g in result[:-1]]
+        embed = result[-1]
+        embed_grad = embed[:, 0] if embed is not None else torch.zeros(rows, *self.embed_leaf.shape[1:])
         return mlp_grads, embed_grad
 
 
@@ -215,6 +229,7 @@ def attribute(
 
     start = time.perf_counter()
     run = FrozenReplacementRun(ctx, config.batch_size)
+    ctx.frozen.clear()  # clean patterns and scales: only needed for value replay, never by attribution
     active = ctx.active_features()
     sources = _SourceVectors(ctx, active)
     timings["frozen_forward"] = time.perf_counter() - start
@@ -228,7 +243,7 @@ def attribute(
     def run_batches(row_ids: list[int], injections: list[_Injection]) -> None:
         for i in range(0, len(injections), config.batch_size):
             chunk = injections[i : i + config.batch_size]
-            rows = sources.edge_rows(*run.gradients(chunk))[: len(chunk)]
+            rows = sources.edge_rows(*run.gradients(chunk))
             r, c = rows.nonzero(as_tuple=True)
             ids = torch.tensor(row_ids[i : i + config.batch_size])
             collected.append((ids[r], c, rows[r, c]))
