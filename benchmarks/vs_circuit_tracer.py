@@ -27,10 +27,7 @@ the machine's load averages are printed, since other processes on a 2-core machi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
-import ctypes
-import gc
 import json
 import os
 import pstats
@@ -47,6 +44,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from benchmarks.interop.rss import release_freed_memory, reset_peak_rss
 
 REPO = Path(__file__).resolve().parents[1]
 CT_PYTHON = Path(os.environ.get("CT_VENV", REPO / ".venv-ct")) / "bin" / "python"
@@ -86,21 +85,6 @@ def _rss_bytes(field: str, pid: int | str = "self") -> int:
     except OSError:
         pass
     return -1
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _release_freed_memory() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class _PeakStackSampler(threading.Thread):
@@ -160,10 +144,10 @@ def run_ours(args: argparse.Namespace) -> int:
         sampler = profiler = None
         for repeat in range(args.repeats):
             graph = None
-            _release_freed_memory()
+            release_freed_memory()
             if repeat == 0:
                 rss_before = _rss_bytes("VmRSS")
-                peak_reset = _reset_peak_rss()
+                peak_reset = reset_peak_rss()
             if args.profile and repeat == args.repeats - 1:  # the last run: warm, as the timed ones
                 sampler, profiler = _PeakStackSampler(), cProfile.Profile()
                 sampler.start()

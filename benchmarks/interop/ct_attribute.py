@@ -35,9 +35,6 @@ CPU time of ``attribute()`` alone), ``peak_rss_bytes`` (``ru_maxrss``, whole pro
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -53,6 +50,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ct_encode import load as load_ct_transcoders  # sibling script, not a package
+from rss import release_freed_memory, reset_peak_rss  # sibling script
 
 
 def _atlas_cache_root() -> Path:
@@ -104,22 +102,6 @@ def _rss_bytes(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return -1
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _release_freed_memory() -> None:
-    """Collect garbage and hand freed heap back to the OS, so RSS before attribute() is the live size."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _fix_tokenizer(tok):
@@ -264,10 +246,10 @@ def run_one(model, kind: str, ids: list[int], out_path: Path, args: argparse.Nam
     times, cpu_times = [], []
     for repeat in range(args.repeats):
         graph = None
-        _release_freed_memory()
+        release_freed_memory()
         if repeat == 0:
             rss_before = _rss_bytes("VmRSS")
-            peak_reset = _reset_peak_rss()
+            peak_reset = reset_peak_rss()
         start, cpu_start = time.perf_counter(), time.process_time()
         graph = attribute(tokens, model, batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes)
         times.append(time.perf_counter() - start)
