@@ -31,7 +31,6 @@ import cProfile
 import json
 import os
 import pstats
-import resource
 import signal
 import subprocess
 import sys
@@ -45,7 +44,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from benchmarks.interop.rss import release_freed_memory, reset_peak_rss
+from benchmarks.interop.rss import release_freed_memory, reset_peak_rss, rss_bytes, run_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 CT_PYTHON = Path(os.environ.get("CT_VENV", REPO / ".venv-ct")) / "bin" / "python"
@@ -76,17 +75,6 @@ LONG_TEXT = (
 # child side: run our engine, write the same file layout as interop/ct_attribute.py
 
 
-def _rss_bytes(field: str, pid: int | str = "self") -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return -1
-
-
 class _PeakStackSampler(threading.Thread):
     """Polls RSS every few ms; keeps the main thread's Python stack whenever RSS reaches a new maximum."""
 
@@ -100,7 +88,7 @@ class _PeakStackSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.is_set():
-            rss = _rss_bytes("VmRSS")
+            rss = rss_bytes("VmRSS")
             if rss > self.peak:
                 self.peak = rss
                 switch = sys.getswitchinterval()
@@ -146,7 +134,7 @@ def run_ours(args: argparse.Namespace) -> int:
             graph = None
             release_freed_memory()
             if repeat == 0:
-                rss_before = _rss_bytes("VmRSS")
+                rss_before = rss_bytes("VmRSS")
                 peak_reset = reset_peak_rss()
             if args.profile and repeat == args.repeats - 1:  # the last run: warm, as the timed ones
                 sampler, profiler = _PeakStackSampler(), cProfile.Profile()
@@ -157,7 +145,7 @@ def run_ours(args: argparse.Namespace) -> int:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
             if repeat == 0:
-                attribute_peak = _rss_bytes("VmHWM") if peak_reset else -1
+                attribute_peak = rss_bytes("VmHWM") if peak_reset else -1
             if sampler and profiler:
                 profiler.disable()
                 sampler.halt()
@@ -178,15 +166,7 @@ def run_ours(args: argparse.Namespace) -> int:
             "n_selected": str(index.n_features),
             "n_nodes": str(index.n_nodes),
             "n_edges": str(int(graph.edges.weight.numel())),
-            "attribute_seconds": f"{min(times):.6f}",
-            "attribute_seconds_all": json.dumps([round(t, 4) for t in times]),
-            "attribute_cpu_seconds": f"{min(cpu_times):.3f}",
-            "attribute_cpu_seconds_all": json.dumps([round(t, 3) for t in cpu_times]),
-            "setup_seconds": f"{setup_seconds:.3f}",
-            "rss_before_bytes": str(rss_before),
-            "attribute_peak_rss_bytes": str(attribute_peak),
-            "peak_rss_bytes": str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
-            "torch_threads": str(torch.get_num_threads()),
+            **run_metadata(times, cpu_times, setup_seconds, rss_before, attribute_peak, torch.get_num_threads()),
             "phase_seconds": json.dumps({k: round(v, 3) for k, v in graph.settings.get("timings", {}).items()}),
         }
         if sampler and profiler:
@@ -227,7 +207,7 @@ def _run_child(cmd: list[str], outs: list[Path], cap_bytes: int | None, timeout:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         peak, note = 0, ""
         while proc.poll() is None:
-            rss = _rss_bytes("VmRSS", proc.pid)
+            rss = rss_bytes("VmRSS", proc.pid)
             peak = max(peak, rss)
             if not note and cap_bytes is not None and rss > cap_bytes:
                 proc.send_signal(signal.SIGKILL)

@@ -39,7 +39,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -50,7 +49,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ct_encode import load as load_ct_transcoders  # sibling script, not a package
-from rss import release_freed_memory, reset_peak_rss  # sibling script
+from rss import release_freed_memory, reset_peak_rss, rss_bytes, run_metadata  # sibling script
 
 
 def _atlas_cache_root() -> Path:
@@ -94,14 +93,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-adjacency", action="store_true", help="do not write the dense adjacency")
     p.add_argument("--repeats", type=int, default=1, help="run attribute() this often per prompt; min time kept")
     return p.parse_args(argv)
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return -1
 
 
 def _fix_tokenizer(tok):
@@ -248,14 +239,14 @@ def run_one(model, kind: str, ids: list[int], out_path: Path, args: argparse.Nam
         graph = None
         release_freed_memory()
         if repeat == 0:
-            rss_before = _rss_bytes("VmRSS")
+            rss_before = rss_bytes("VmRSS")
             peak_reset = reset_peak_rss()
         start, cpu_start = time.perf_counter(), time.process_time()
         graph = attribute(tokens, model, batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
         if repeat == 0:
-            attribute_peak = _rss_bytes("VmHWM") if peak_reset else -1
+            attribute_peak = rss_bytes("VmHWM") if peak_reset else -1
     assert graph is not None
 
     features = graph.active_features[graph.selected_features].to(torch.int64)
@@ -276,15 +267,7 @@ def run_one(model, kind: str, ids: list[int], out_path: Path, args: argparse.Nam
         "n_nodes": str(n_nodes),
         "batch_size": str(args.batch_size),
         "zero_positions": "0:1" if args.zero_bos else "0:0",
-        "attribute_seconds": f"{min(times):.6f}",
-        "attribute_seconds_all": json.dumps([round(t, 4) for t in times]),
-        "attribute_cpu_seconds": f"{min(cpu_times):.3f}",
-        "attribute_cpu_seconds_all": json.dumps([round(t, 3) for t in cpu_times]),
-        "setup_seconds": f"{setup_seconds:.3f}",
-        "rss_before_bytes": str(rss_before),
-        "attribute_peak_rss_bytes": str(attribute_peak),
-        "peak_rss_bytes": str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
-        "torch_threads": str(torch.get_num_threads()),
+        **run_metadata(times, cpu_times, setup_seconds, rss_before, attribute_peak, torch.get_num_threads()),
         "clt_reconstruction_padded": str(_CLT_PADDED["count"]),
         "circuit_tracer_version": importlib.metadata.version("circuit-tracer"),
         "transformer_lens_version": importlib.metadata.version("transformer-lens"),

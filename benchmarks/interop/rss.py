@@ -22,3 +22,35 @@ def release_freed_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def rss_bytes(field: str, pid: int | str = "self") -> int:
+    """A memory field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...) in bytes; -1 where unavailable."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return -1
+
+
+def run_metadata(
+    times: list[float], cpu_times: list[float], setup_seconds: float, rss_before: int, attribute_peak: int, threads: int
+) -> dict[str, str]:
+    """The timing and memory fields both engines' children record, in one format."""
+    import json
+    import resource
+
+    return {
+        "attribute_seconds": f"{min(times):.6f}",
+        "attribute_seconds_all": json.dumps([round(t, 4) for t in times]),
+        "attribute_cpu_seconds": f"{min(cpu_times):.3f}",
+        "attribute_cpu_seconds_all": json.dumps([round(t, 3) for t in cpu_times]),
+        "setup_seconds": f"{setup_seconds:.3f}",
+        "rss_before_bytes": str(rss_before),
+        "attribute_peak_rss_bytes": str(attribute_peak),
+        "peak_rss_bytes": str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+        "torch_threads": str(threads),
+    }
