@@ -165,8 +165,7 @@ def run_training(*, out: Path, model: str, config: Any, fresh: bool) -> Any:
         loaded = load_model(model)
     console.print(f"{loaded.info.name}: {loaded.info.n_layers} layers, loaded in {loaded.load_seconds:.1f}s")
     trainer = Trainer(loaded, config, out)
-    start = trainer.latest_checkpoint()
-    start_step = 0 if (fresh or start is None) else int(start.stem.split("_")[1])
+    start_step = 0 if fresh else trainer.resume_step()
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),

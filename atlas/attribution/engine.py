@@ -36,6 +36,7 @@ from atlas.attribution.context import (
     EMBED_HOOK,
     FINAL_RESIDUAL_HOOK,
     PromptContext,
+    PromptError,
     build_context,
     mlp_output_with_skip,
 )
@@ -200,8 +201,6 @@ def attribute(
     start = time.perf_counter()
     if isinstance(prompt, str):
         if not prompt.strip():
-            from atlas.attribution.context import PromptError
-
             raise PromptError("the prompt is empty")
         tokens = model.tokenize(prompt)[0].cpu()
         text = prompt

@@ -145,6 +145,11 @@ class Trainer:
         files = sorted(self.checkpoint_dir.glob("step_*.pt"))
         return files[-1] if files else None
 
+    def resume_step(self) -> int:
+        """The step a run into `out_dir` would continue from (0 without a checkpoint)."""
+        latest = self.latest_checkpoint()
+        return 0 if latest is None else int(latest.stem.split("_")[1])
+
     def _save_checkpoint(self, state: _State) -> Path:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / f"step_{state.step:08d}.pt"
