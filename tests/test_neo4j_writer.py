@@ -13,12 +13,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from neo4j import Driver
 from neo4j.exceptions import ServiceUnavailable
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA, feature_key
+from atlas.storage.aggregate import aggregate_rows, rebuild_aggregates
 from atlas.storage.graph_schema import (
     RANGE_INDEXES,
     SCHEMA_VERSION,
@@ -222,10 +224,12 @@ def test_schema_migration_hook_upgrades_one_version_at_a_time(neo4j_driver: Driv
         with pytest.raises(SchemaVersionError, match="no migration from schema version 0"):
             ensure_schema(neo4j_driver, db, migrations={})
         assert read_schema_version(neo4j_driver, db) == 0  # nothing half-done
-        assert ensure_schema(neo4j_driver, db, migrations={0: from_0}) == 1
+        assert ensure_schema(neo4j_driver, db, target_version=1, migrations={0: from_0}) == 1
         assert calls == [0]
         assert read_schema_version(neo4j_driver, db) == 1
-        assert ensure_schema(neo4j_driver, db, migrations={0: from_0}) == 1 and calls == [0]  # already there
+        assert ensure_schema(neo4j_driver, db, target_version=1, migrations={0: from_0}) == 1 and calls == [0]
+        # and on to the current version through the real migrations (1 -> 2 builds the aggregate layer)
+        assert ensure_schema(neo4j_driver, db) == SCHEMA_VERSION
 
         neo4j_driver.execute_query(set_version, v=SCHEMA_VERSION + 1, database_=db)
         with pytest.raises(SchemaVersionError, match="newer than this code"):
@@ -506,3 +510,74 @@ def test_write_prompts_on_two_threads(writer: GraphWriter, neo4j_driver: Driver,
     )
     shared = feature_key(names.transcoder, 0, 7)
     assert count_where(neo4j_driver, db, "MATCH (f:Feature {key: $k})<-[:OF]-(a) RETURN count(a)", k=shared) == 6
+
+
+def test_aggregates_stay_exact_through_writes_replacements_and_deletes(
+    neo4j_driver: Driver, db: str, names: Names
+) -> None:
+    """Incremental aggregate maintenance equals a from-scratch rebuild, exactly, after a mixed sequence."""
+    writer = GraphWriter(neo4j_driver, db, batch_size=5)
+    rng = np.random.default_rng(3)
+
+    def random_graph(name: str, shift: int) -> Graph:
+        # Features recur across prompts (few distinct keys), some at two positions of one prompt; random DAG edges.
+        feats = sorted({(int(rng.integers(0, 3)), int(rng.integers(0, 3)), int(rng.integers(0, 4)) + shift % 2,
+                         float(rng.uniform(0.1, 2))) for _ in range(6)}, key=lambda f: f[:3])  # fmt: skip
+        feats = list({f[:3]: f for f in feats}.values())
+        n = len(feats) + 2 + 3 + 2
+        edges = sorted({(int(s), int(t)) for s, t in rng.integers(0, n, (25, 2)) if s < t})
+        weighted = [(s, t, float(np.float32(rng.normal(0, 0.3)))) for s, t in edges]
+        return make_graph(names, names.prompt(name), features=feats, edges=weighted,
+                          logits=((404, " Paris", 0.5, 1.0), (505, " Rome", 0.25, 0.5)))  # fmt: skip
+
+    graphs = {f"p{i}": random_graph(f"p{i}", i) for i in range(6)}
+    for g in graphs.values():
+        writer.write_prompt(*g)
+    replaced = random_graph("p1", 7)  # same prompt id as p1 (a new call registers it again; harmless)
+    assert replaced[0]["id"] == graphs["p1"][0]["id"]
+    writer.write_prompt(*replaced)
+    writer.write_prompt(*graphs["p2"])  # identical re-ingest
+    writer.delete_prompt(graphs["p3"][0]["id"])
+    writer.write_prompt(*graphs["p4"])
+    writer.delete_prompt(graphs["p4"][0]["id"])
+    p6 = random_graph("p6", 1)
+    writer.write_prompts([graphs["p3"], p6], workers=2)
+
+    incremental = aggregate_rows(neo4j_driver, db, transcoder=names.transcoder)
+    assert incremental and {r.target_kind for r in incremental} == {"feature", "token"}
+    rebuilt = rebuild_aggregates(neo4j_driver, db, transcoder=names.transcoder)
+    scratch = aggregate_rows(neo4j_driver, db, transcoder=names.transcoder)
+    assert rebuilt.relationships == len(scratch)
+    assert incremental == scratch  # exact: fixed-point sums, max recomputed on removal
+
+    # And against an independent computation in Python from the tables of the prompts now stored.
+    stored = [replaced, graphs["p0"], graphs["p2"], graphs["p5"], graphs["p3"], p6]
+    expected: dict[tuple[str, str], list[float]] = {}
+    prompts_of: dict[tuple[str, str], set[str]] = {}
+    for meta, nodes, edges in stored:
+        rows = nodes.to_pylist()
+        for s, t, w in zip(*(edges.column(c).to_pylist() for c in ("source", "target", "weight")), strict=True):
+            a, b = rows[s], rows[t]
+            if (
+                a["kind"] != "feature"
+                or b["kind"] not in ("feature", "logit")
+                or (b["kind"] == "logit" and b["token_id"] is None)
+            ):
+                continue
+            target = b["feature_key"] if b["kind"] == "feature" else f"{names.model}/{b['token_id']}"
+            expected.setdefault((a["feature_key"], target), []).append(w)
+            prompts_of.setdefault((a["feature_key"], target), set()).add(meta["id"])
+    got = {(r.source_key, r.target_key): r for r in scratch}
+    assert set(got) == set(expected)
+    for pair, weights in expected.items():
+        row = got[pair]
+        assert row.n_edges == len(weights) and row.max_abs_weight == max(abs(w) for w in weights)
+        assert row.n_prompts == len(prompts_of[pair])
+        assert row.mean_weight == pytest.approx(sum(weights) / len(prompts_of[pair]), abs=1e-8)
+        assert row.sum_weight == pytest.approx(sum(weights), abs=1e-8)
+        assert row.sum_abs_weight == pytest.approx(sum(abs(w) for w in weights), abs=1e-8)
+
+    # Deleting every prompt removes every aggregate of the transcoder.
+    for meta, _, _ in stored:
+        writer.delete_prompt(meta["id"])
+    assert aggregate_rows(neo4j_driver, db, transcoder=names.transcoder) == []

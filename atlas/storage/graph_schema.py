@@ -19,6 +19,15 @@ Per prompt (one attribution graph; all of it replaced when the prompt is ingeste
     (:LogitTarget:Instance {prompt_id, node_index, node_id, position, token_id, label, probability, logit, influence})
         -[:OF]->(:Token)                                     custom-direction targets (token_id null) have no OF
 
+Aggregate layer (global, summed over all stored prompts; maintained incrementally by the writer, see
+`atlas.storage.aggregate` for the exact definitions):
+
+    (:Feature)-[:AGG_EDGE {n_prompts, n_edges, sum_weight, sum_abs_weight, mean_weight, max_abs_weight,
+                           sum_weight_fx, sum_abs_weight_fx}]->(:Feature | :Token)
+
+Prompt metadata is free-form besides the required keys; the optional `task` (e.g. "capitals") and `run` are indexed
+for the app's overview and filters.
+
 Every instance node also carries the label `:Instance` and has exactly one `-[:IN]->(:Prompt)`. Attribution edges
 `(:Instance)-[:EDGE {weight}]->(:Instance)` join instance nodes of the same prompt only, so a path that follows
 `:EDGE` never leaves its prompt and needs no per-hop filter. `node_index` is the node's row in the prompt's Arrow node
@@ -39,6 +48,8 @@ Queries for the Neo4j Browser (anchor on indexed keys):
     // every prompt in which a feature is active, and its strongest outgoing edges there
     MATCH (f:Feature {key: $key})<-[:OF]-(a:FeatureActivation)-[e:EDGE]->(b)
     RETURN a.prompt_id, a.position, a.activation, b.node_id, e.weight ORDER BY abs(e.weight) DESC LIMIT 25
+    // the features driving a logit token across prompts (aggregate layer), strongest first
+    MATCH (t:Token {key: $token_key})<-[g:AGG_EDGE]-(f:Feature) RETURN f.key, g ORDER BY g.sum_abs_weight DESC LIMIT 25
     // paths of up to 4 strong edges from a feature to the logit targets of the same prompt
     MATCH (f:Feature {key: $key})<-[:OF]-(a:FeatureActivation)
     MATCH p = (a)(()-[r:EDGE WHERE abs(r.weight) > $w]->()){1,4}(t:LogitTarget)
@@ -47,7 +58,9 @@ Queries for the Neo4j Browser (anchor on indexed keys):
 Constraints and indexes are created (idempotently, `IF NOT EXISTS`) before anything is written. The store records
 its model version in a singleton `(:SchemaVersion {name: "circuit-atlas", version})`; `ensure_schema` creates the
 schema, then upgrades an older store one version at a time through `MIGRATIONS` (version k -> k + 1). Version 1 is
-the first, so no migration exists yet.
+the first; version 2 added the aggregate layer and the `Prompt(task)` index (migration 1 -> 2 builds the layer
+from the stored prompts in one transaction; for a large store use `GraphWriter(aggregates=False)` loads followed by
+`atlas.storage.aggregate.rebuild_aggregates`, which batches).
 """
 
 from __future__ import annotations
@@ -61,7 +74,7 @@ from neo4j.exceptions import ClientError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STORE_NAME = "circuit-atlas"
 
 # Labels and relationship types (the only places these strings are spelled out besides the Cypher below).
@@ -80,6 +93,7 @@ REL_OF = "OF"
 REL_IN = "IN"
 REL_EDGE = "EDGE"
 REL_FOR = "FOR"
+REL_AGG_EDGE = "AGG_EDGE"
 
 # Instance label by the `kind` column of NODE_SCHEMA.
 INSTANCE_LABELS: Mapping[str, str] = {
@@ -109,6 +123,8 @@ RANGE_INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("atlas_token_id", TOKEN, ("id",)),
     ("atlas_prompt_run", PROMPT, ("run",)),
     ("atlas_prompt_model", PROMPT, ("model",)),
+    ("atlas_prompt_task", PROMPT, ("task",)),
+    ("atlas_feature_label", FEATURE, ("label",)),
 )
 
 
@@ -129,7 +145,16 @@ INDEXES: tuple[str, ...] = tuple(
 # A migration upgrades the store from version k (its key) to k + 1 inside one write transaction; the version node
 # is bumped in that same transaction, so a failed migration leaves the store at version k.
 Migration = Callable[[ManagedTransaction], None]
-MIGRATIONS: dict[int, Migration] = {}
+
+
+def _migrate_1_to_2(tx: ManagedTransaction) -> None:
+    """Version 2: the aggregate layer (the new indexes come from `create_constraints_and_indexes`)."""
+    from atlas.storage.aggregate import rebuild_in_transaction
+
+    rebuild_in_transaction(tx)
+
+
+MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2}
 
 # Error codes that mean "someone else created this rule first" (concurrent ensure_schema calls).
 _ALREADY_EXISTS_CODES = frozenset(

@@ -59,6 +59,7 @@ import pyarrow.compute as pc
 from neo4j import Driver, ManagedTransaction
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA
+from atlas.storage import aggregate
 from atlas.storage.graph_schema import SCHEMA_VERSION, ensure_schema
 
 DEFAULT_BATCH_SIZE = 10_000
@@ -260,7 +261,9 @@ class GraphWriter:
     """Writes prompt graphs into Neo4j; see the module docstring for the transaction design.
 
     `batch_size` caps the rows of one `UNWIND` statement (nodes and edges); `after_batch` is a test hook called
-    after every statement inside the prompt's transaction.
+    after every statement inside the prompt's transaction. `aggregates` (default on) maintains the aggregate layer
+    (`atlas.storage.aggregate`) inside each prompt's transaction; switch it off only for a bulk load that is
+    followed by `aggregate.rebuild_aggregates`, or the layer no longer matches the prompts.
     """
 
     def __init__(
@@ -270,6 +273,7 @@ class GraphWriter:
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         after_batch: BatchHook | None = None,
+        aggregates: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be positive")
@@ -277,6 +281,7 @@ class GraphWriter:
         self.database = database
         self.batch_size = batch_size
         self.after_batch = after_batch
+        self.aggregates = aggregates
         self._schema_ready = False
 
     # -- schema --------------------------------------------------------------------------------------------------
@@ -344,10 +349,17 @@ class GraphWriter:
                 )
             if position == 0:
                 # The Prompt MERGE + SET comes first: its write lock serialises concurrent writers of the same
-                # prompt, so this delete sees (and removes) whatever a previous writer committed.
+                # prompt, so this delete sees (and removes) whatever a previous writer committed. The old version's
+                # aggregate contributions are read from its edges, so they are subtracted first.
+                if self.aggregates:
+                    aggregate.subtract_prompt(tx, plan.prompt_id)
                 deleted = tx.run(_DELETE_PROMPT_NODES, pid=plan.prompt_id).consume().counters.nodes_deleted
             if self.after_batch is not None:
                 self.after_batch(st.stage, st.rows)
+        if self.aggregates:
+            aggregate.add_prompt(tx, plan.prompt_id)
+            if self.after_batch is not None:
+                self.after_batch("aggregates", plan.n_edges)
         return deleted > 0
 
     def plan_prompt(self, prompt_meta: Mapping[str, Any], nodes: pa.Table, edges: pa.Table) -> _PromptPlan:
@@ -551,12 +563,29 @@ class GraphWriter:
             self.ensure_schema()
 
         def work(tx: ManagedTransaction) -> bool:
+            if self.aggregates:
+                aggregate.subtract_prompt(tx, prompt_id)
             nodes = tx.run(_DELETE_PROMPT_NODES, pid=prompt_id).consume().counters.nodes_deleted
             prompts = tx.run(_DELETE_PROMPT, pid=prompt_id).consume().counters.nodes_deleted
             return nodes + prompts > 0
 
         with self.driver.session(database=self.database) as session:
             return session.execute_write(work)
+
+    def set_feature_labels(self, labels: Mapping[str, str]) -> int:
+        """Set `label` on existing Features by key (e.g. auto-interpretation names); returns how many were found."""
+        if not self._schema_ready:
+            self.ensure_schema()
+        bad = [k for k, v in labels.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise GraphValidationError(f"feature labels must map key strings to label strings, got {bad[0]!r}")
+        rows = [{"key": k, "label": v} for k, v in sorted(labels.items())]
+        records = self.driver.execute_query(
+            "UNWIND $rows AS row MATCH (f:Feature {key: row.key}) SET f.label = row.label RETURN count(f) AS n",
+            rows=rows,
+            database_=self.database,
+        ).records
+        return int(records[0]["n"])
 
     def prompt_exists(self, prompt_id: str) -> bool:
         records = self.driver.execute_query(

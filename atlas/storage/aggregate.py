@@ -1,0 +1,216 @@
+"""The aggregate layer: one `:AGG_EDGE` per (Feature, Feature|Token) pair, summed over every stored prompt.
+
+    (:Feature)-[:AGG_EDGE {n_prompts, n_edges, sum_weight, sum_abs_weight, mean_weight, max_abs_weight,
+                           sum_weight_fx, sum_abs_weight_fx}]->(:Feature | :Token)
+
+A prompt contributes to the pair (F, X) through its attribution edges `(a:FeatureActivation)-[:EDGE]->(b)` with
+`a -[:OF]-> F` and `b -[:OF]-> X`, where `b` is a `FeatureActivation` (X a Feature) or a vocabulary `LogitTarget`
+(X a Token; custom-direction logits have no Token and are not aggregated; input tokens and error nodes are never
+sources here). A feature active at several positions of a prompt contributes all its edges to the pair:
+
+    n_prompts       prompts with at least one such edge
+    n_edges         such edges over all prompts
+    sum_weight      sum of their signed weights;        sum_abs_weight: sum of their |weight|
+    mean_weight     sum_weight / n_prompts (the mean per-prompt contribution, over the prompts that have one)
+    max_abs_weight  the largest |weight| of any such edge
+
+Maintenance is INCREMENTAL and lives inside the writer's prompt transaction (`GraphWriter(aggregates=True)`, the
+default), so the aggregates never drift from the prompts: writing a prompt adds its contributions after creating its
+edges; re-writing it first subtracts the old version's contributions (read from its old edges, still there at that
+point) and deleting it subtracts them too. Only the pairs the prompt touches are updated. A pair whose `n_prompts`
+reaches 0 is deleted. `max_abs_weight` cannot be subtracted: when the removed prompt held the maximum, it is
+recomputed from the other prompts' edges of that pair (rare for popular pairs, cheap for rare ones).
+
+Exactness: sums are accumulated in fixed point, as integers of `1 / FIXED_POINT_SCALE` (2^-32, each edge weight
+rounded once), so additions and subtractions are exact and order-independent, and the incremental aggregate equals
+a from-scratch rebuild *exactly*, whatever the sequence of writes, replacements and deletes. The float properties are
+derived from the integers on every update. (The rounding error of one edge is at most 1.2e-10, far below the float32
+precision of attribution weights.)
+
+Public API (for the ingest pipeline and tests):
+- nothing to call after `GraphWriter.write_prompt(s)` / `delete_prompt`: they maintain the layer;
+- `rebuild_aggregates(driver, database, transcoder=None)`: delete and recompute the layer from the prompt graphs
+  (all of it, or the Features of one transcoder) in batched transactions; for bulk loads done with
+  `GraphWriter(aggregates=False)`, and as the reference in tests;
+- `aggregate_rows(driver, database, transcoder)`: the layer's content for one transcoder, sorted (for comparisons).
+
+This module must not write prompt graphs (that is `neo4j_writer`), nor read Parquet/DuckDB.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import LiteralString
+
+from neo4j import Driver, ManagedTransaction
+
+AGG_EDGE = "AGG_EDGE"
+FIXED_POINT_SCALE = 4294967296.0  # 2^32: one unit of the integer sums is 2^-32 of a weight unit
+
+# One row per (F, X) pair a prompt touches, sorted by the pair's keys so that concurrent writers lock shared
+# aggregate relationships in one global order. Columns: f, t, n (edges), s / sa (fixed-point sums), mx (max |w|).
+_PROMPT_CONTRIBUTIONS: LiteralString = """
+MATCH (a:Instance) WHERE a.prompt_id = $pid AND a.node_index IS NOT NULL AND a:FeatureActivation
+MATCH (a)-[e:EDGE]->(b) WHERE b:FeatureActivation OR b:LogitTarget
+MATCH (a)-[:OF]->(f:Feature)
+MATCH (b)-[:OF]->(t)
+WITH f, t, count(e) AS n, sum(toInteger(round(e.weight * $scale))) AS s,
+     sum(toInteger(round(abs(e.weight) * $scale))) AS sa, max(abs(e.weight)) AS mx
+ORDER BY f.key, t.key
+"""
+
+_DERIVED: LiteralString = """
+SET g.sum_weight = toFloat(g.sum_weight_fx) / $scale, g.sum_abs_weight = toFloat(g.sum_abs_weight_fx) / $scale,
+    g.mean_weight = toFloat(g.sum_weight_fx) / $scale / g.n_prompts
+"""
+
+ADD_PROMPT: LiteralString = (
+    _PROMPT_CONTRIBUTIONS
+    + """
+MERGE (f)-[g:AGG_EDGE]->(t)
+  ON CREATE SET g.n_prompts = 0, g.n_edges = 0, g.sum_weight_fx = 0, g.sum_abs_weight_fx = 0, g.max_abs_weight = 0.0
+SET g.n_prompts = g.n_prompts + 1, g.n_edges = g.n_edges + n, g.sum_weight_fx = g.sum_weight_fx + s,
+    g.sum_abs_weight_fx = g.sum_abs_weight_fx + sa,
+    g.max_abs_weight = CASE WHEN mx > g.max_abs_weight THEN mx ELSE g.max_abs_weight END
+"""
+    + _DERIVED
+)
+
+# Run BEFORE the prompt's old instance nodes are deleted. `gone` pairs lose their relationship; the others get their
+# maximum recomputed from the remaining prompts when the removed prompt held it.
+SUBTRACT_PROMPT: LiteralString = (
+    _PROMPT_CONTRIBUTIONS
+    + """
+MATCH (f)-[g:AGG_EDGE]->(t)
+SET g.n_prompts = g.n_prompts - 1, g.n_edges = g.n_edges - n, g.sum_weight_fx = g.sum_weight_fx - s,
+    g.sum_abs_weight_fx = g.sum_abs_weight_fx - sa
+WITH f, t, g, mx, g.n_prompts <= 0 AS gone
+CALL (f, t, g, mx, gone) {
+  WITH f, t, g, mx WHERE NOT gone AND mx >= g.max_abs_weight
+  MATCH (f)<-[:OF]-(a:FeatureActivation)-[e:EDGE]->(b)-[:OF]->(t)
+  WHERE a.prompt_id <> $pid AND (b:FeatureActivation OR b:LogitTarget)
+  WITH g, max(abs(e.weight)) AS m
+  SET g.max_abs_weight = m
+}
+CALL (g, gone) {
+  WITH g WHERE NOT gone
+"""
+    + _DERIVED
+    + """
+}
+CALL (g, gone) {
+  WITH g WHERE gone
+  DELETE g
+}
+"""
+)
+
+# From scratch for one Feature `f` (bound by the caller): group its edges by (target identity, prompt), then by
+# target. Independent of the per-prompt statements above, which makes it a reference for them.
+_REBUILD_FROM_FEATURE: LiteralString = """
+  MATCH (f)<-[:OF]-(a:FeatureActivation)-[e:EDGE]->(b)-[:OF]->(t)
+  WHERE b:FeatureActivation OR b:LogitTarget
+  WITH f, t, a.prompt_id AS pid, count(e) AS n, sum(toInteger(round(e.weight * $scale))) AS s,
+       sum(toInteger(round(abs(e.weight) * $scale))) AS sa, max(abs(e.weight)) AS mx
+  WITH f, t, count(pid) AS np, sum(n) AS n, sum(s) AS s, sum(sa) AS sa, max(mx) AS mx
+  CREATE (f)-[g:AGG_EDGE {n_prompts: np, n_edges: n, sum_weight_fx: s, sum_abs_weight_fx: sa, max_abs_weight: mx}]->(t)
+"""
+
+_FEATURES_ALL: LiteralString = "MATCH (f:Feature)"
+_FEATURES_OF: LiteralString = "MATCH (f:Feature) WHERE f.transcoder = $transcoder"
+
+
+@dataclass(frozen=True)
+class AggregateRow:
+    """One aggregate relationship, as stored (see the module docstring for the meaning of each field)."""
+
+    source_key: str
+    target_key: str
+    target_kind: str  # "feature" | "token"
+    n_prompts: int
+    n_edges: int
+    sum_weight: float
+    sum_abs_weight: float
+    mean_weight: float
+    max_abs_weight: float
+    sum_weight_fx: int
+    sum_abs_weight_fx: int
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    relationships: int
+    seconds: float
+
+
+def add_prompt(tx: ManagedTransaction, prompt_id: str) -> None:
+    """Add a stored prompt's contributions (inside the transaction that wrote its edges)."""
+    tx.run(ADD_PROMPT, pid=prompt_id, scale=FIXED_POINT_SCALE).consume()
+
+
+def subtract_prompt(tx: ManagedTransaction, prompt_id: str) -> None:
+    """Remove a stored prompt's contributions (inside the transaction that then deletes or replaces it)."""
+    tx.run(SUBTRACT_PROMPT, pid=prompt_id, scale=FIXED_POINT_SCALE).consume()
+
+
+def rebuild_in_transaction(tx: ManagedTransaction) -> None:
+    """Delete and recompute the whole layer in one transaction (the schema migration 1 -> 2; small stores)."""
+    tx.run("MATCH ()-[g:AGG_EDGE]->() DELETE g").consume()
+    tx.run(_FEATURES_ALL + " CALL (f) {" + _REBUILD_FROM_FEATURE + _DERIVED + "}", scale=FIXED_POINT_SCALE).consume()
+
+
+def rebuild_aggregates(
+    driver: Driver, database: str = "neo4j", *, transcoder: str | None = None, features_per_tx: int = 200
+) -> RebuildResult:
+    """Delete and recompute the aggregate layer from the stored prompt graphs, in batched transactions.
+
+    `transcoder`: only the pairs whose source Feature belongs to it (others are left alone). Not atomic as a whole:
+    readers may see a partly rebuilt layer while it runs; do not run it concurrently with writers.
+    """
+    started = time.perf_counter()
+    features: LiteralString = _FEATURES_ALL if transcoder is None else _FEATURES_OF
+    with driver.session(database=database) as session:
+        session.run(
+            features + " MATCH (f)-[g:AGG_EDGE]->() CALL (g) { DELETE g } IN TRANSACTIONS OF 10000 ROWS",
+            transcoder=transcoder,
+        ).consume()
+        session.run(
+            features + " CALL (f) {" + _REBUILD_FROM_FEATURE + _DERIVED + "} IN TRANSACTIONS OF $batch ROWS",
+            transcoder=transcoder,
+            scale=FIXED_POINT_SCALE,
+            batch=features_per_tx,
+        ).consume()
+        record = session.run(
+            features + " MATCH (f)-[g:AGG_EDGE]->() RETURN count(g) AS n", transcoder=transcoder
+        ).single()
+    return RebuildResult(int(record["n"]) if record else 0, time.perf_counter() - started)
+
+
+def aggregate_rows(driver: Driver, database: str = "neo4j", *, transcoder: str) -> list[AggregateRow]:
+    """Every aggregate relationship whose source Feature belongs to `transcoder`, sorted by (source, target)."""
+    records = driver.execute_query(
+        """
+        MATCH (f:Feature)-[g:AGG_EDGE]->(t) WHERE f.transcoder = $transcoder
+        RETURN f.key AS s, t.key AS t, CASE WHEN t:Feature THEN 'feature' ELSE 'token' END AS kind, properties(g) AS g
+        ORDER BY s, t
+        """,
+        transcoder=transcoder,
+        database_=database,
+    ).records
+    return [
+        AggregateRow(
+            r["s"],
+            r["t"],
+            r["kind"],
+            int(r["g"]["n_prompts"]),
+            int(r["g"]["n_edges"]),
+            float(r["g"]["sum_weight"]),
+            float(r["g"]["sum_abs_weight"]),
+            float(r["g"]["mean_weight"]),
+            float(r["g"]["max_abs_weight"]),
+            int(r["g"]["sum_weight_fx"]),
+            int(r["g"]["sum_abs_weight_fx"]),
+        )
+        for r in records
+    ]
