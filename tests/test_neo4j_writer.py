@@ -20,7 +20,7 @@ from neo4j import Driver
 from neo4j.exceptions import ServiceUnavailable
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA, feature_key
-from atlas.storage.aggregate import aggregate_rows, rebuild_aggregates
+from atlas.storage.aggregate import aggregate_rows, rebuild_aggregates, update_for_prompts
 from atlas.storage.graph_schema import (
     RANGE_INDEXES,
     SCHEMA_VERSION,
@@ -542,6 +542,19 @@ def test_aggregates_stay_exact_through_writes_replacements_and_deletes(
     writer.delete_prompt(graphs["p4"][0]["id"])
     p6 = random_graph("p6", 1)
     writer.write_prompts([graphs["p3"], p6], workers=2)
+    # A bulk load without aggregates, then the ingest hook adds those prompts (once), and an aggregating re-write of
+    # one of them does not subtract what was never added.
+    bulk = GraphWriter(neo4j_driver, db, aggregates=False)
+    p7, p8 = random_graph("p7", 2), random_graph("p8", 3)
+    bulk.write_prompts([p7, p8])
+    assert update_for_prompts(neo4j_driver, [p7[0]["id"], p8[0]["id"], "no-such-prompt"], database=db) == 2
+    assert update_for_prompts(neo4j_driver, [p7[0]["id"], p8[0]["id"]], database=db) == 0
+    bulk.write_prompt(*p8)  # p8 now un-aggregated again (its contributions were subtracted first)
+    writer.write_prompt(*p8)
+    p9 = random_graph("p9", 4)
+    bulk.write_prompt(*p9)
+    bulk.delete_prompt(p7[0]["id"])  # deleting subtracts whatever writer wrote it, if it was aggregated
+    writer.write_prompt(*p9)
 
     incremental = aggregate_rows(neo4j_driver, db, transcoder=names.transcoder)
     assert incremental and {r.target_kind for r in incremental} == {"feature", "token"}
@@ -551,7 +564,7 @@ def test_aggregates_stay_exact_through_writes_replacements_and_deletes(
     assert incremental == scratch  # exact: fixed-point sums, max recomputed on removal
 
     # And against an independent computation in Python from the tables of the prompts now stored.
-    stored = [replaced, graphs["p0"], graphs["p2"], graphs["p5"], graphs["p3"], p6]
+    stored = [replaced, graphs["p0"], graphs["p2"], graphs["p5"], graphs["p3"], p6, p8, p9]
     expected: dict[tuple[str, str], list[float]] = {}
     prompts_of: dict[tuple[str, str], set[str]] = {}
     for meta, nodes, edges in stored:

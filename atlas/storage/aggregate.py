@@ -16,10 +16,13 @@ sources here). A feature active at several positions of a prompt contributes all
 
 Maintenance is INCREMENTAL and lives inside the writer's prompt transaction (`GraphWriter(aggregates=True)`, the
 default), so the aggregates never drift from the prompts: writing a prompt adds its contributions after creating its
-edges; re-writing it first subtracts the old version's contributions (read from its old edges, still there at that
-point) and deleting it subtracts them too. Only the pairs the prompt touches are updated. A pair whose `n_prompts`
-reaches 0 is deleted. `max_abs_weight` cannot be subtracted: when the removed prompt held the maximum, it is
-recomputed from the other prompts' edges of that pair (rare for popular pairs, cheap for rare ones).
+edges and marks the Prompt `aggregated: true`; re-writing an aggregated prompt first subtracts the old version's
+contributions (read from its old edges, still there at that point), and deleting it subtracts them too. Only the
+pairs the prompt touches are updated. The `aggregated` flag keeps a mixed history exact: a prompt written with
+`aggregates=False` contributes nothing and is never subtracted, until `update_for_prompts` or a rebuild adds it.
+A pair whose `n_prompts` reaches 0 is deleted. `max_abs_weight` cannot be subtracted: when the removed prompt held
+the maximum, it is recomputed from the other prompts' edges of that pair (rare for popular pairs, cheap for rare
+ones).
 
 Exactness: sums are accumulated in fixed point, as integers of `1 / FIXED_POINT_SCALE` (2^-32, each edge weight
 rounded once), so additions and subtractions are exact and order-independent, and the incremental aggregate equals
@@ -29,6 +32,8 @@ precision of attribution weights.)
 
 Public API (for the ingest pipeline and tests):
 - nothing to call after `GraphWriter.write_prompt(s)` / `delete_prompt`: they maintain the layer;
+- `update_for_prompts(driver, prompt_ids, database=...)`: add the prompts not aggregated yet (idempotent; a no-op
+  for prompts the default writer wrote) — the hook the ingest pipeline calls after writing prompts;
 - `rebuild_aggregates(driver, database, transcoder=None)`: delete and recompute the layer from the prompt graphs
   (all of it, or the Features of one transcoder) in batched transactions; for bulk loads done with
   `GraphWriter(aggregates=False)`, and as the reference in tests;
@@ -40,6 +45,7 @@ This module must not write prompt graphs (that is `neo4j_writer`), nor read Parq
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import LiteralString
 
@@ -145,19 +151,62 @@ class RebuildResult:
 
 
 def add_prompt(tx: ManagedTransaction, prompt_id: str) -> None:
-    """Add a stored prompt's contributions (inside the transaction that wrote its edges)."""
+    """Add a stored prompt's contributions and mark it `aggregated` (inside the transaction that wrote its edges).
+
+    The caller guarantees the prompt is not aggregated yet (the writer: its Prompt properties were just replaced).
+    """
     tx.run(ADD_PROMPT, pid=prompt_id, scale=FIXED_POINT_SCALE).consume()
+    tx.run("MATCH (p:Prompt {id: $pid}) SET p.aggregated = true", pid=prompt_id).consume()
 
 
 def subtract_prompt(tx: ManagedTransaction, prompt_id: str) -> None:
-    """Remove a stored prompt's contributions (inside the transaction that then deletes or replaces it)."""
+    """Remove a stored, aggregated prompt's contributions (inside the transaction that deletes or replaces it)."""
     tx.run(SUBTRACT_PROMPT, pid=prompt_id, scale=FIXED_POINT_SCALE).consume()
+
+
+def _lock_and_read_flag(tx: ManagedTransaction, prompt_id: str) -> bool | None:
+    """Write-lock the Prompt (serialises with its writers) and return its `aggregated` flag; None if absent."""
+    record = tx.run(
+        "MATCH (p:Prompt {id: $pid}) SET p.aggregated = coalesce(p.aggregated, false) RETURN p.aggregated AS a",
+        pid=prompt_id,
+    ).single()
+    return None if record is None else bool(record["a"])
+
+
+def subtract_if_aggregated(tx: ManagedTransaction, prompt_id: str) -> bool:
+    """Before deleting a prompt: remove its contributions if it has any; True if it had."""
+    if _lock_and_read_flag(tx, prompt_id):
+        subtract_prompt(tx, prompt_id)
+        return True
+    return False
+
+
+def update_for_prompts(driver: Driver, prompt_ids: Iterable[str], *, database: str = "neo4j") -> int:
+    """Add the contributions of stored prompts that are not aggregated yet (one transaction each); idempotent.
+
+    Prompts written by `GraphWriter(aggregates=True)` (the default) are already aggregated, so this is then a no-op
+    (a flag read per prompt); after a `GraphWriter(aggregates=False)` load it brings those prompts in. Unknown
+    prompt ids are skipped. Returns the number of prompts added.
+    """
+
+    def work(tx: ManagedTransaction, pid: str) -> bool:
+        if _lock_and_read_flag(tx, pid) is False:
+            add_prompt(tx, pid)
+            return True
+        return False
+
+    added = 0
+    with driver.session(database=database) as session:
+        for pid in prompt_ids:
+            added += bool(session.execute_write(work, pid))
+    return added
 
 
 def rebuild_in_transaction(tx: ManagedTransaction) -> None:
     """Delete and recompute the whole layer in one transaction (the schema migration 1 -> 2; small stores)."""
     tx.run("MATCH ()-[g:AGG_EDGE]->() DELETE g").consume()
     tx.run(_FEATURES_ALL + " CALL (f) {" + _REBUILD_FROM_FEATURE + _DERIVED + "}", scale=FIXED_POINT_SCALE).consume()
+    tx.run("MATCH (p:Prompt) SET p.aggregated = true").consume()
 
 
 def rebuild_aggregates(
@@ -180,6 +229,11 @@ def rebuild_aggregates(
             transcoder=transcoder,
             scale=FIXED_POINT_SCALE,
             batch=features_per_tx,
+        ).consume()
+        session.run(
+            "MATCH (p:Prompt) WHERE $transcoder IS NULL OR p.transcoder = $transcoder "
+            "CALL (p) { SET p.aggregated = true } IN TRANSACTIONS OF 10000 ROWS",
+            transcoder=transcoder,
         ).consume()
         record = session.run(
             features + " MATCH (f)-[g:AGG_EDGE]->() RETURN count(g) AS n", transcoder=transcoder

@@ -69,7 +69,7 @@ DEFAULT_BATCH_SIZE = 10_000
 BatchHook = Callable[[str, int], None]
 
 # Properties of `prompt_meta` that the writer computes or checks itself.
-_COMPUTED_META = frozenset({"n_nodes", "n_edges", "ingested_at", "schema_version"})
+_COMPUTED_META = frozenset({"n_nodes", "n_edges", "ingested_at", "schema_version", "aggregated"})
 _REQUIRED_META = ("id", "model", "transcoder")
 _NODE_KINDS = frozenset({"feature", "error", "token", "logit"})
 _LIST_PARAMS = frozenset({"node_id", "key", "text", "label", "kind_label"})  # sent as lists; the rest as CSV
@@ -85,7 +85,9 @@ MERGE (m:Model {name: $model})
 MERGE (t:Transcoder {id: $transcoder}) ON CREATE SET t.model = $model
 MERGE (t)-[:FOR]->(m)
 MERGE (p:Prompt {id: $pid})
+WITH p, coalesce(p.aggregated, false) AS was_aggregated
 SET p = $props
+RETURN was_aggregated
 """
 
 # Numeric columns travel as one comma-separated string each (`$i`, `$layer`, ...; empty = null) and are split on the
@@ -337,8 +339,13 @@ class GraphWriter:
 
     def _run_plan(self, tx: ManagedTransaction, plan: _PromptPlan) -> bool:
         deleted = 0
+        was_aggregated = False
         for position, st in enumerate(plan.statements):
-            counters = tx.run(st.query, st.params).consume().counters
+            result = tx.run(st.query, st.params)
+            if position == 0:
+                record = result.single()
+                was_aggregated = bool(record and record["was_aggregated"])
+            counters = result.consume().counters
             if (st.expect_nodes >= 0 and counters.nodes_created != st.expect_nodes) or (
                 st.expect_rels >= 0 and counters.relationships_created != st.expect_rels
             ):
@@ -350,14 +357,14 @@ class GraphWriter:
             if position == 0:
                 # The Prompt MERGE + SET comes first: its write lock serialises concurrent writers of the same
                 # prompt, so this delete sees (and removes) whatever a previous writer committed. The old version's
-                # aggregate contributions are read from its edges, so they are subtracted first.
-                if self.aggregates:
+                # aggregate contributions (if it had been aggregated) are read from its edges, so they go first.
+                if was_aggregated:
                     aggregate.subtract_prompt(tx, plan.prompt_id)
                 deleted = tx.run(_DELETE_PROMPT_NODES, pid=plan.prompt_id).consume().counters.nodes_deleted
             if self.after_batch is not None:
                 self.after_batch(st.stage, st.rows)
         if self.aggregates:
-            aggregate.add_prompt(tx, plan.prompt_id)
+            aggregate.add_prompt(tx, plan.prompt_id)  # also marks the Prompt `aggregated`
             if self.after_batch is not None:
                 self.after_batch("aggregates", plan.n_edges)
         return deleted > 0
@@ -563,8 +570,7 @@ class GraphWriter:
             self.ensure_schema()
 
         def work(tx: ManagedTransaction) -> bool:
-            if self.aggregates:
-                aggregate.subtract_prompt(tx, prompt_id)
+            aggregate.subtract_if_aggregated(tx, prompt_id)
             nodes = tx.run(_DELETE_PROMPT_NODES, pid=prompt_id).consume().counters.nodes_deleted
             prompts = tx.run(_DELETE_PROMPT, pid=prompt_id).consume().counters.nodes_deleted
             return nodes + prompts > 0
