@@ -64,3 +64,35 @@ DEFAULT_FEATURE_OUTPUT_HOOK = "mlp.hook_out"
 # poems, jokes; free to redistribute), converted to JSONL by `atlas corpus offline`.
 OFFLINE_CORPUS_DEBIAN_PACKAGE = "fortunes"
 OFFLINE_CORPUS_SOURCE_DIR = Path("/usr/share/games/fortunes")
+
+# Environment variables shared by the CLI, the ingest pipeline, the app and docker/docker-compose.yml (the single
+# source of truth for their names; `atlas.storage.neo4j_server` reads the Neo4j ones, with the same names).
+ENV_NEO4J_URI = "NEO4J_URI"
+ENV_NEO4J_USER = "NEO4J_USER"
+ENV_NEO4J_PASSWORD = "NEO4J_PASSWORD"
+ENV_NEO4J_DATABASE = "NEO4J_DATABASE"
+ENV_STATS_DB = "ATLAS_STATS_DB"  # the DuckDB feature-statistics file (one writer: the ingest loader)
+ENV_RUNS_DIR = "ATLAS_RUNS_DIR"  # root of ingest run directories (shards, ledgers, reports)
+# Dask reads this one itself (config key `scheduler-address`); `atlas ingest` uses it as the `--scheduler` default.
+ENV_DASK_SCHEDULER = "DASK_SCHEDULER_ADDRESS"
+
+NEO4J_BOLT_PORT = 7687
+NEO4J_HTTP_PORT = 7474
+DASK_SCHEDULER_PORT = 8786
+DASK_DASHBOARD_PORT = 8787
+APP_PORT = 8501
+STATS_DB_FILENAME = "feature_stats.duckdb"
+
+
+def stats_db_path() -> Path:
+    """The feature-statistics DuckDB file: `$ATLAS_STATS_DB`, else `<cache>/store/feature_stats.duckdb`."""
+    explicit = os.environ.get(ENV_STATS_DB)
+    if explicit:
+        return Path(explicit).expanduser()
+    return cache_dir() / "store" / STATS_DB_FILENAME
+
+
+def runs_dir() -> Path:
+    """Root of ingest run directories: `$ATLAS_RUNS_DIR`, else `runs/ingest` under the working directory."""
+    explicit = os.environ.get(ENV_RUNS_DIR)
+    return Path(explicit).expanduser() if explicit else Path("runs") / "ingest"

@@ -1,0 +1,398 @@
+"""`run_ingest`: a prompt corpus in, attribution graphs in Neo4j and feature statistics in DuckDB out.
+
+Phases (each timed; the timings go into the report):
+1. read: the corpus is read and normalised, each prompt gets its id (`ingest.prompts`); unusable lines are recorded;
+2. connect: Neo4j (`NEO4J_URI`, else the managed local server) and the prompts it already has are skipped, as are
+   prompts the ledger records as failing deterministically;
+3. resume: complete shards left in the run directory by an interrupted run are loaded instead of recomputed;
+4. compute + load: a Dask cluster (a `LocalCluster` sized to the machine, or any scheduler address) runs
+   `compute_batch` on batches of prompts with `retries`; the client loads each finished shard while the workers go
+   on (`as_completed`), with a live progress bar;
+5. report: counts and timings, printed and written to `<run dir>/report.json`.
+
+Everything the run leaves is in its run directory (`shards/`, `ledger.jsonl`, `report.json`); the stores are the
+source of truth for what is done, so killing the run at any point and starting it again finishes the rest.
+This module orchestrates: it computes no graph itself and writes to the stores only through `StoreLoader`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from atlas.config import ENV_DASK_SCHEDULER, runs_dir, stats_db_path
+from atlas.storage.feature_stats import FeatureStatsStore
+from atlas.storage.neo4j_server import Neo4jConnection
+from atlas.storage.neo4j_writer import GraphWriter
+from ingest.ledger import FAIL_INPUT, FAIL_PROMPT, FAIL_TASK, Ledger
+from ingest.loader import StoreLoader, retrying
+from ingest.prompts import prompt_key, read_corpus
+from ingest.settings import AttributionSettings, IngestIdentity, batch_key, transcoder_identity
+from ingest.worker import SUMMARY_FILE, BatchSpec, ModelPlugin, PromptItem, compute_batch, compute_logit_effects
+
+log = logging.getLogger(__name__)
+REPORT_FILE = "report.json"
+SHARDS_DIR = "shards"
+
+
+class IngestError(RuntimeError):
+    """The ingest cannot run (bad options, unreachable store); the message says what to fix."""
+
+
+@dataclass
+class IngestOptions:
+    corpus: Path
+    transcoders: Path
+    model: str
+    settings: AttributionSettings = field(default_factory=AttributionSettings)
+    workers: int | None = None  # LocalCluster size (default: sized to the machine)
+    scheduler: str | None = None  # an existing Dask scheduler instead of a LocalCluster
+    run: str | None = None  # run name (default: corpus name + identity hash)
+    text_field: str = "text"
+    stats_db: Path | None = None
+    runs_root: Path | None = None
+    batch_prompts: int | None = None  # prompts per task (default: balanced over the workers)
+    retries: int = 2
+    neo4j_retry_s: float = 300.0
+    stats_every_s: float = 30.0
+    gpu: bool = False  # tasks require the worker resource GPU=1
+    progress: bool = True
+
+
+@dataclass
+class IngestReport:
+    run: str
+    run_dir: str
+    model: str
+    transcoder_id: str
+    stats_db: str
+    neo4j_uri: str
+    dashboard: str | None = None
+    workers: int = 0
+    corpus_lines: int = 0
+    prompts: int = 0
+    duplicates: int = 0
+    input_failures: int = 0
+    already_stored: int = 0
+    skipped_known_failures: int = 0
+    resumed_from_shards: int = 0
+    computed: int = 0
+    prompt_failures: int = 0
+    task_failures: int = 0
+    nodes_written: int = 0
+    edges_written: int = 0
+    neo4j_retries: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    worker_timings: dict[str, float] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # first 50, with errors
+
+    @property
+    def done(self) -> int:
+        return self.already_stored + self.resumed_from_shards + self.computed
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "done": self.done}
+
+
+class _Phases:
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+
+
+def default_workers() -> int:
+    """Processes for a LocalCluster: one per core, at most one per 3 GiB of memory (a model per worker)."""
+    cores = os.cpu_count() or 1
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        memory_gib = 8.0
+    return max(1, min(cores, int(memory_gib // 3)))
+
+
+def balanced_batch(n_prompts: int, n_workers: int, cap: int = 8) -> int:
+    """Prompts per task: about four tasks per worker (load balance, fine-grained resume), at most `cap`."""
+    return max(1, min(cap, math.ceil(n_prompts / max(1, 4 * n_workers))))
+
+
+def open_connection(connection: Neo4jConnection | None) -> Neo4jConnection:
+    """The given connection, else `NEO4J_URI`, else the managed local server (started when needed)."""
+    from atlas.storage.neo4j_server import LocalNeo4jServer, resolve_connection
+
+    if connection is not None:
+        return connection
+    resolved = resolve_connection()
+    if resolved is not None:
+        return resolved
+    return LocalNeo4jServer().start()
+
+
+def _start_dask(options: IngestOptions) -> tuple[Any, Any, int]:
+    from distributed import Client, LocalCluster
+
+    address = options.scheduler or os.environ.get(ENV_DASK_SCHEDULER) or None
+    if address:
+        client = Client(address, timeout="60s")
+        return client, None, len(client.scheduler_info(n_workers=-1).get("workers", {}))
+    n = options.workers or default_workers()
+    cluster = LocalCluster(
+        n_workers=n,
+        threads_per_worker=1,
+        processes=True,
+        resources={"GPU": 1} if options.gpu else None,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )
+    return Client(cluster), cluster, n
+
+
+def _dashboard(client: Any) -> str | None:
+    try:
+        import bokeh  # noqa: F401  (the dashboard needs it)
+    except ImportError:
+        return None
+    return str(client.dashboard_link) if client.dashboard_link else None
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} prompts"),
+        TextColumn("{task.fields[rate]:.2f} graphs/s"),
+        TextColumn("{task.fields[edges]} edges"),
+        TextColumn("[red]{task.fields[failures]} failed"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, console=console, disable=not enabled, transient=False)
+
+
+def run_ingest(
+    options: IngestOptions,
+    *,
+    connection: Neo4jConnection | None = None,
+    console: Console | None = None,
+    on_shard: Callable[[dict[str, Any]], None] | None = None,
+) -> IngestReport:
+    """Run the whole ingest (see the module docstring); `on_shard` sees each loaded shard's summary."""
+    console = console or Console(stderr=True)
+    timings: dict[str, float] = {}
+    phase = _Phases(timings)
+    started = time.perf_counter()
+
+    with phase("read"):
+        records, issues = read_corpus(options.corpus, text_field=options.text_field)
+        transcoder_dir = Path(options.transcoders)
+        if not transcoder_dir.is_dir():
+            raise IngestError(f"transcoder directory {transcoder_dir} does not exist")
+        transcoder_id = transcoder_identity(transcoder_dir)
+        identity = IngestIdentity(options.model, str(transcoder_dir.resolve()), transcoder_id, options.settings)
+        settings_id = options.settings.identity()
+        items: dict[str, PromptItem] = {}
+        for record in records:
+            pid = prompt_key(record.text, model=options.model, transcoder_id=transcoder_id, settings=settings_id)
+            items.setdefault(pid, PromptItem(pid, record.text, record.line, record.meta))
+    identity_hash = prompt_key("", model=options.model, transcoder_id=transcoder_id, settings=settings_id)
+    run = options.run or f"{options.corpus.stem}-{identity_hash[:8]}"
+    run_dir = (options.runs_root or runs_dir()) / run
+    shard_root = run_dir / SHARDS_DIR
+    shard_root.mkdir(parents=True, exist_ok=True)
+    stats_path = options.stats_db or stats_db_path()
+    ledger = Ledger(run_dir, run)
+    state = ledger.read()
+    for issue in issues:
+        ledger.failed(None, kind=FAIL_INPUT, error=issue.error, line=issue.line)
+
+    with phase("connect"):
+        conn = open_connection(connection)
+    report = IngestReport(run=run, run_dir=str(run_dir), model=options.model, transcoder_id=transcoder_id,
+                          stats_db=str(stats_path), neo4j_uri=conn.uri)  # fmt: skip
+    report.corpus_lines = len(records) + len(issues)
+    report.prompts = len(items)
+    report.duplicates = len(records) - len(items)
+    report.input_failures = len(issues)
+    report.failures += [{"line": i.line, "kind": FAIL_INPUT, "error": i.error} for i in issues[:50]]
+    from neo4j import GraphDatabase
+
+    driver = GraphDatabase.driver(conn.uri, auth=(conn.user, conn.password))
+    client = cluster = None
+    try:
+        writer = GraphWriter(driver, conn.database)
+        stats = FeatureStatsStore(stats_path)
+        loader = StoreLoader(writer, stats, retry_s=options.neo4j_retry_s, stats_every_s=options.stats_every_s,
+                             after_write=_aggregate_hook(driver, conn.database))  # fmt: skip
+        with phase("connect"):
+            retrying(writer.ensure_schema, retry_s=options.neo4j_retry_s, what="schema")
+            stored = loader.existing(items)
+        report.already_stored = len(stored)
+        known = state.deterministic_failures()
+        todo = {pid: item for pid, item in items.items() if pid not in stored and pid not in known}
+        report.skipped_known_failures = sum(1 for pid in items if pid in known and pid not in stored)
+        report.failures += [{"prompt_id": pid, "kind": FAIL_PROMPT, "error": e["error"]} for pid, e in known.items()]
+
+        with phase("resume"):
+            for summary_path in sorted(shard_root.glob(f"*/{SUMMARY_FILE}")):
+                summary = json.loads(summary_path.read_text())
+                if not summary["done"] or not set(summary["done"]) <= set(todo) | stored:
+                    continue
+                load = loader.load_shard(summary_path.parent)
+                ledger.done(load.written + load.already)
+                report.resumed_from_shards += sum(1 for pid in summary["done"] if pid in todo)
+                report.nodes_written += load.n_nodes
+                report.edges_written += load.n_edges
+                for pid in summary["done"]:
+                    todo.pop(pid, None)
+
+        if todo:
+            with phase("cluster_start"):
+                client, cluster, n_workers = _start_dask(options)
+                report.workers = n_workers
+                report.dashboard = _dashboard(client)
+            console.print(
+                f"ingest [bold]{run}[/]: {len(todo)} prompts to attribute on {n_workers} Dask worker(s)"
+                f" ({report.already_stored} already stored); run dir {run_dir}"
+            )
+            console.print(f"Dask dashboard: {report.dashboard or 'unavailable (install bokeh>=3.1)'}")
+            threads = max(1, (os.cpu_count() or 1) // max(1, n_workers)) if cluster is not None else 1
+            plugin = ModelPlugin(options.model, identity.transcoder_dir, transcoder_id, torch_threads=threads)
+            with phase("worker_setup"):
+                client.register_plugin(plugin, name=plugin.name)
+            _compute_and_load(options, client, plugin.name, identity, run, shard_root, todo, loader, ledger,
+                              report, console, phase, on_shard)  # fmt: skip
+            with phase("logit_effects"):
+                effects = _logit_effects(client, plugin.name, transcoder_id, run_dir, options)
+        else:
+            console.print(f"ingest [bold]{run}[/]: nothing to compute ({report.already_stored} prompts already stored)")
+            effects = None
+        with phase("load_stats"):
+            loader.flush_stats(logit_effects=effects)
+        report.neo4j_retries = loader.retries
+        timings["load_neo4j"] = loader.neo4j_seconds
+        timings["load_stats_total"] = loader.stats_seconds
+    finally:
+        with contextlib.suppress(Exception):
+            if client is not None:
+                client.close()
+        with contextlib.suppress(Exception):
+            if cluster is not None:
+                cluster.close()
+        driver.close()
+        ledger.close()
+    timings["total"] = time.perf_counter() - started
+    report.timings = {k: round(v, 3) for k, v in timings.items()}
+    report.worker_timings = {k: round(v, 3) for k, v in report.worker_timings.items()}
+    tmp = run_dir / f".{REPORT_FILE}.tmp"
+    tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    tmp.replace(run_dir / REPORT_FILE)
+    return report
+
+
+def _aggregate_hook(driver: Any, database: str) -> Callable[[list[str]], None] | None:
+    """The aggregate layer's update for newly written prompts, when the storage layer provides one."""
+    import importlib
+
+    try:
+        aggregate = importlib.import_module("atlas.storage.aggregate")
+    except ImportError:
+        return None
+    update = getattr(aggregate, "update_for_prompts", None)
+    if update is None:
+        return None
+    return lambda prompt_ids: update(driver, prompt_ids, database=database)
+
+
+def _logit_effects(client: Any, plugin: str, transcoder_id: str, run_dir: Path, options: IngestOptions) -> Any:
+    import pyarrow.parquet as pq
+
+    out = run_dir / "logit_effects.parquet"
+    resources = {"GPU": 1} if options.gpu else None
+    future = client.submit(compute_logit_effects, plugin, transcoder_id, str(out), pure=False,
+                           retries=options.retries, resources=resources)  # fmt: skip
+    return pq.read_table(future.result())
+
+
+def _compute_and_load(
+    options: IngestOptions,
+    client: Any,
+    plugin: str,
+    identity: IngestIdentity,
+    run: str,
+    shard_root: Path,
+    todo: dict[str, PromptItem],
+    loader: StoreLoader,
+    ledger: Ledger,
+    report: IngestReport,
+    console: Console,
+    phase: _Phases,
+    on_shard: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    from distributed import as_completed
+
+    pending = list(todo.values())
+    size = options.batch_prompts or balanced_batch(len(pending), max(1, report.workers))
+    specs: dict[str, BatchSpec] = {}
+    for start in range(0, len(pending), size):
+        chunk = tuple(pending[start : start + size])
+        key = batch_key([p.prompt_id for p in chunk])
+        specs[f"atlas-ingest-{key}"] = BatchSpec(key, str(shard_root), plugin, identity, run, chunk)
+    resources = {"GPU": 1} if options.gpu else None
+    compute_started = time.perf_counter()
+    with phase("compute_and_load"), _progress(console, options.progress) as progress:
+        task = progress.add_task(f"ingest {run}", total=len(pending), rate=0.0, edges=0, failures=0)
+        futures = [
+            client.submit(compute_batch, spec, key=key, retries=options.retries, pure=False, resources=resources)
+            for key, spec in specs.items()
+        ]
+        finished = 0
+        for future in as_completed(futures):
+            spec = specs[str(future.key)]
+            try:
+                summary = future.result()
+            except Exception as err:  # the batch failed after every retry: its prompts are retried next run
+                for item in spec.prompts:
+                    ledger.failed(item.prompt_id, kind=FAIL_TASK, error=f"{type(err).__name__}: {err}", line=item.line)
+                report.task_failures += len(spec.prompts)
+                if len(report.failures) < 50:
+                    report.failures.append({"batch": spec.key, "kind": FAIL_TASK, "error": f"{err!r}"})
+                finished += len(spec.prompts)
+            else:
+                load = loader.load_shard(Path(summary["shard"]))
+                ledger.done(load.written + load.already)
+                for failure in summary["failures"]:
+                    ledger.failed(failure["prompt_id"], kind=FAIL_PROMPT, error=failure["error"], line=failure["line"])
+                    if len(report.failures) < 50:
+                        report.failures.append({**failure, "kind": FAIL_PROMPT})
+                report.computed += len(summary["done"])
+                report.prompt_failures += len(summary["failures"])
+                report.nodes_written += load.n_nodes
+                report.edges_written += load.n_edges
+                for name, seconds in summary["timings"].items():
+                    report.worker_timings[name] = report.worker_timings.get(name, 0.0) + seconds
+                finished += len(spec.prompts)
+                if on_shard is not None:
+                    on_shard(summary)
+            elapsed = time.perf_counter() - compute_started
+            failed = report.prompt_failures + report.task_failures
+            rate = report.computed / elapsed if elapsed else 0.0
+            progress.update(task, completed=finished, rate=rate, edges=report.edges_written, failures=failed)
+            if not options.progress and not console.is_terminal:
+                log.info("ingest %s: %d/%d prompts", run, finished, len(pending))
