@@ -340,30 +340,147 @@ def db_status() -> None:
         raise typer.Exit(code=3)
 
 
+def _ingest_errors() -> tuple[type[BaseException], ...]:
+    from atlas.storage.neo4j_server import Neo4jServerError
+    from ingest.pipeline import IngestError
+
+    return (*_user_errors(), IngestError, Neo4jServerError)
+
+
+def run_ingest_command(options: Any) -> Any:
+    """Run `ingest.pipeline.run_ingest(options)` and print its final report (counts, per-phase timings)."""
+    from ingest.pipeline import run_ingest
+
+    report = run_ingest(options, console=console)
+    table = Table("", "count", title=f"ingest {report.run}")
+    for name in ("corpus_lines", "prompts", "duplicates", "already_stored", "resumed_from_shards", "computed",
+                 "input_failures", "prompt_failures", "task_failures", "skipped_known_failures", "nodes_written",
+                 "edges_written", "neo4j_retries"):  # fmt: skip
+        table.add_row(name.replace("_", " "), str(getattr(report, name)))
+    Console().print(table)
+    Console().print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()))
+    if report.worker_timings:
+        Console().print("worker time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.worker_timings.items()))
+    for failure in report.failures[:5]:
+        console.print(f"[yellow]failed[/] {failure}")
+    console.print(f"report: {report.run_dir}/report.json; statistics: {report.stats_db}; graphs: {report.neo4j_uri}")
+    return report
+
+
+@app.command()
+def ingest(
+    corpus: Annotated[Path, typer.Option(help="Prompts: .txt (one per line), .jsonl or .parquet.")],
+    transcoders: Annotated[Path, typer.Option(help="Transcoder directory (circuit-tracer format).")],
+    model: Annotated[str, typer.Option(help="Model the transcoders belong to.")] = DEFAULT_MODEL,
+    workers: Annotated[int | None, typer.Option(help="LocalCluster processes (default: sized to the machine).")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS, else a LocalCluster).")
+    ] = None,
+    targets: Annotated[list[str] | None, typer.Option(help="salient (default) | answer | a token; repeatable.")] = None,
+    max_feature_nodes: Annotated[int | None, typer.Option(help="Cap on feature nodes per graph.")] = None,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    run: Annotated[str | None, typer.Option(help="Run name (directory under the runs root).")] = None,
+    text_field: Annotated[str, typer.Option(help="JSONL/Parquet field holding the prompt.")] = "text",
+    stats_db: Annotated[Path | None, typer.Option(help="DuckDB statistics file (default: $ATLAS_STATS_DB).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Prompts per Dask task (default: balanced).")] = None,
+    retries: Annotated[int, typer.Option(help="Dask retries of a failed task.")] = 2,
+    gpu: Annotated[bool, typer.Option(help="Tasks need the worker resource GPU=1.")] = False,
+    runs_root: Annotated[Path | None, typer.Option(help="Root of run directories (default: $ATLAS_RUNS_DIR).")] = None,
+) -> None:
+    """Attribute every prompt of a corpus on Dask and load graphs into Neo4j, statistics into DuckDB (resumable)."""
+    from ingest.pipeline import IngestOptions
+    from ingest.settings import AttributionSettings
+
+    try:
+        settings = AttributionSettings(
+            targets=tuple(targets) if targets else AttributionSettings().targets,
+            max_feature_nodes=max_feature_nodes,
+            node_threshold=node_threshold,
+            edge_threshold=edge_threshold,
+        )
+        options = IngestOptions(corpus=corpus, transcoders=transcoders, model=model, settings=settings,
+                                workers=workers, scheduler=scheduler, run=run, text_field=text_field,
+                                stats_db=stats_db, runs_root=runs_root, batch_prompts=batch_size, retries=retries,
+                                gpu=gpu)  # fmt: skip
+        run_ingest_command(options)
+    except _ingest_errors() as err:
+        _fail(err)
+
+
+@app.command("app")
+def app_command(
+    port: Annotated[int, typer.Option(help="Port the app serves on (loopback and LAN, as Streamlit does).")] = 8501,
+    neo4j_uri: Annotated[
+        str | None, typer.Option(help="bolt:// or neo4j:// URI (default: NEO4J_URI, else the managed local server).")
+    ] = None,
+    stats_db: Annotated[Path | None, typer.Option(help="DuckDB feature statistics (default: managed store).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model for interventions (default: each prompt's model).")] = None,
+    transcoders: Annotated[Path | None, typer.Option(help="Transcoder directory for interventions.")] = None,
+) -> None:
+    """Open the Streamlit atlas app: overview, features, prompt graphs, paths, Cypher console, interventions."""
+    import importlib.util
+    import os
+
+    from app.config import ConfigError, environment_for, load_config
+
+    settings = environment_for(neo4j_uri=neo4j_uri, stats_db=stats_db, model=model, transcoders=transcoders)
+    env = {**os.environ, **settings}
+    try:
+        load_config(env)
+    except ConfigError as err:
+        _fail(err)
+    spec = importlib.util.find_spec("app")
+    if spec is None or not spec.submodule_search_locations:
+        _fail(RuntimeError("the `app` package is not installed with circuit-atlas"))
+    script = Path(next(iter(spec.submodule_search_locations))) / "main.py"
+    argv = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port), "--server.headless",
+            "true", "--browser.gatherUsageStats", "false", "--client.showErrorDetails", "none"]  # fmt: skip
+    console.print(f"atlas app on http://localhost:{port}")
+    os.execve(sys.executable, argv, env)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo run goes.")] = Path("runs/demo"),
     steps: int = 100,
     features: int = 64,
+    prompts: Annotated[int, typer.Option(help="Demo-corpus prompts to ingest (spread over the tasks; 0: all).")] = 24,
+    workers: Annotated[int | None, typer.Option(help="Dask workers for the ingest.")] = None,
 ) -> None:
-    """Load the default model, train a small CLT on the offline corpus, print its metrics."""
+    """Train (or reuse) a small CLT on the default model, ingest the demo corpus, print where to explore it."""
     from atlas.training.activations import StreamConfig
-    from atlas.training.trainer import TrainConfig
+    from atlas.training.trainer import TRANSCODER_DIR, TrainConfig
+    from ingest.demo_corpus import demo_subset
+    from ingest.pipeline import IngestOptions
 
-    config = TrainConfig(
-        kind="clt",
-        n_features=features,
-        steps=steps,
-        checkpoint_every=25,
-        log_every=5,
-        stream=StreamConfig(chunk_sequences=32),
-    )
+    transcoder_dir = out / TRANSCODER_DIR
     try:
-        result = run_training(out=out, model=DEFAULT_MODEL, config=config, fresh=False)
-    except _user_errors() as err:
+        if (transcoder_dir / "config.yaml").is_file():
+            console.print(f"reusing the transcoders in {transcoder_dir} (delete them to train again)")
+        else:
+            config = TrainConfig(
+                kind="clt",
+                n_features=features,
+                steps=steps,
+                checkpoint_every=25,
+                log_every=5,
+                stream=StreamConfig(chunk_sequences=32),
+            )
+            result = run_training(out=out, model=DEFAULT_MODEL, config=config, fresh=False)
+            print_metrics(result.final_metrics)
+            transcoder_dir = result.transcoder_dir
+            console.print(f"transcoders saved in circuit-tracer format: {transcoder_dir}")
+        corpus = demo_subset(out / "demo_corpus.jsonl", prompts)
+        report = run_ingest_command(
+            IngestOptions(corpus=corpus, transcoders=transcoder_dir, model=DEFAULT_MODEL, workers=workers, run="demo")
+        )
+    except _ingest_errors() as err:
         _fail(err)
-    print_metrics(result.final_metrics)
-    console.print(f"transcoders saved in circuit-tracer format: {result.transcoder_dir}")
+    console.print(
+        f"[bold green]demo ready[/]: {report.done} prompt graphs in Neo4j at {report.neo4j_uri} (managed server: "
+        f"`atlas db status`), feature statistics in {report.stats_db}. Explore them with `atlas app`."
+    )
 
 
 if __name__ == "__main__":
