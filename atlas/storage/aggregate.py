@@ -16,13 +16,16 @@ sources here). A feature active at several positions of a prompt contributes all
 
 Maintenance is INCREMENTAL and lives inside the writer's prompt transaction (`GraphWriter(aggregates=True)`, the
 default), so the aggregates never drift from the prompts: writing a prompt adds its contributions after creating its
-edges and marks the Prompt `aggregated: true`; re-writing an aggregated prompt first subtracts the old version's
-contributions (read from its old edges, still there at that point), and deleting it subtracts them too. Only the
-pairs the prompt touches are updated. The `aggregated` flag keeps a mixed history exact: a prompt written with
-`aggregates=False` contributes nothing and is never subtracted, until `update_for_prompts` or a rebuild adds it.
-A pair whose `n_prompts` reaches 0 is deleted. `max_abs_weight` cannot be subtracted: when the removed prompt held
-the maximum, it is recomputed from the other prompts' edges of that pair (rare for popular pairs, cheap for rare
-ones).
+edges and marks the Prompt `aggregated: true`; re-writing an aggregated prompt reads the old version's
+contributions from its old edges before they are deleted and subtracts them in the same final sweep that adds the
+new ones; deleting it subtracts them too. Only the pairs the prompt touches are updated, in ONE sweep sorted by
+(F key, X key) at the end of the transaction, after every node lock of the prompt was taken: two writers thus lock
+shared aggregate relationships in one global order and cannot deadlock on them (two sweeps per transaction, one
+subtracting first and one adding last, deadlocked within seconds with two writer threads). The `aggregated` flag
+keeps a mixed history exact: a prompt written with `aggregates=False` contributes nothing and is never subtracted,
+until `update_for_prompts` or a rebuild adds it. A pair whose `n_prompts` reaches 0 is deleted. `max_abs_weight`
+cannot be subtracted: when the removed version held the maximum and the new one does not reach it, it is recomputed
+from the pair's current edges (rare for popular pairs, cheap for rare ones).
 
 Exactness: sums are accumulated in fixed point, as integers of `1 / FIXED_POINT_SCALE` (2^-32, each edge weight
 rounded once), so additions and subtractions are exact and order-independent, and the incremental aggregate equals
@@ -47,55 +50,79 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import LiteralString
+from typing import Any, LiteralString
 
 from neo4j import Driver, ManagedTransaction
 
 AGG_EDGE = "AGG_EDGE"
 FIXED_POINT_SCALE = 4294967296.0  # 2^32: one unit of the integer sums is 2^-32 of a weight unit
 
-# One row per (F, X) pair a prompt touches, sorted by the pair's keys so that concurrent writers lock shared
-# aggregate relationships in one global order. Columns: f, t, n (edges), s / sa (fixed-point sums), mx (max |w|).
-_PROMPT_CONTRIBUTIONS: LiteralString = """
+# A prompt's contribution to each (F, X) pair it touches, computed from its stored edges. Columns: f, t (nodes),
+# n (edges), s / sa (fixed-point sums of weight and |weight|), mx (max |weight|).
+_CONTRIBUTIONS: LiteralString = """
 MATCH (a:Instance) WHERE a.prompt_id = $pid AND a.node_index IS NOT NULL AND a:FeatureActivation
 MATCH (a)-[e:EDGE]->(b) WHERE b:FeatureActivation OR b:LogitTarget
 MATCH (a)-[:OF]->(f:Feature)
 MATCH (b)-[:OF]->(t)
-WITH f, t, count(e) AS n, sum(toInteger(round(e.weight * $scale))) AS s,
-     sum(toInteger(round(abs(e.weight) * $scale))) AS sa, max(abs(e.weight)) AS mx
-ORDER BY f.key, t.key
 """
+_SUMS: LiteralString = """count(e) AS n, sum(toInteger(round(e.weight * $scale))) AS s,
+       sum(toInteger(round(abs(e.weight) * $scale))) AS sa, max(abs(e.weight)) AS mx"""
+
+# Read (no locks) BEFORE the old version's nodes are deleted; one record of parallel lists, kept by the client.
+READ_CONTRIBUTIONS: LiteralString = (
+    _CONTRIBUTIONS
+    + "WITH f, t, "
+    + _SUMS
+    + """
+RETURN collect([f.key, t.key, n, s, sa, mx]) AS ff_tt, collect(t:Feature) AS is_feature
+"""
+)
 
 _DERIVED: LiteralString = """
 SET g.sum_weight = toFloat(g.sum_weight_fx) / $scale, g.sum_abs_weight = toFloat(g.sum_abs_weight_fx) / $scale,
     g.mean_weight = toFloat(g.sum_weight_fx) / $scale / g.n_prompts
 """
 
-ADD_PROMPT: LiteralString = (
-    _PROMPT_CONTRIBUTIONS
+# ONE sweep over every pair whose aggregate changes: the new version's contributions (from its edges, when $add) and
+# minus the old version's (rows read before its deletion: $old_ff feature targets, $old_ft token targets), summed per
+# pair and applied in (F key, X key) order. A single ordered sweep, after all node locks of the prompt transaction
+# were taken, is what keeps concurrent writers free of deadlocks on shared aggregate relationships. A pair's maximum
+# is recomputed from its current edges (this prompt's new ones included) only when the old version held it and the
+# new one does not reach it.
+APPLY: LiteralString = (
+    """
+CALL () {
+"""
+    + _CONTRIBUTIONS
     + """
+  WITH f, t, e WHERE $add
+  RETURN f, t, 1 AS dp, """
+    + _SUMS
+    + """
+  UNION ALL
+  UNWIND $old_ff AS r
+  MATCH (f:Feature {key: r[0]}) MATCH (t:Feature {key: r[1]})
+  RETURN f, t, -1 AS dp, -r[2] AS n, -r[3] AS s, -r[4] AS sa, r[5] AS mx
+  UNION ALL
+  UNWIND $old_ft AS r
+  MATCH (f:Feature {key: r[0]}) MATCH (t:Token {key: r[1]})
+  RETURN f, t, -1 AS dp, -r[2] AS n, -r[3] AS s, -r[4] AS sa, r[5] AS mx
+}
+WITH f, t, sum(dp) AS dp, sum(n) AS n, sum(s) AS s, sum(sa) AS sa,
+     max(CASE WHEN dp > 0 THEN mx END) AS new_mx, max(CASE WHEN dp < 0 THEN mx END) AS old_mx
+ORDER BY f.key, t.key
 MERGE (f)-[g:AGG_EDGE]->(t)
   ON CREATE SET g.n_prompts = 0, g.n_edges = 0, g.sum_weight_fx = 0, g.sum_abs_weight_fx = 0, g.max_abs_weight = 0.0
-SET g.n_prompts = g.n_prompts + 1, g.n_edges = g.n_edges + n, g.sum_weight_fx = g.sum_weight_fx + s,
+WITH f, t, g, n, s, sa, new_mx, old_mx, g.max_abs_weight AS current, g.n_prompts + dp AS np
+SET g.n_prompts = np, g.n_edges = g.n_edges + n, g.sum_weight_fx = g.sum_weight_fx + s,
     g.sum_abs_weight_fx = g.sum_abs_weight_fx + sa,
-    g.max_abs_weight = CASE WHEN mx > g.max_abs_weight THEN mx ELSE g.max_abs_weight END
-"""
-    + _DERIVED
-)
-
-# Run BEFORE the prompt's old instance nodes are deleted. `gone` pairs lose their relationship; the others get their
-# maximum recomputed from the remaining prompts when the removed prompt held it.
-SUBTRACT_PROMPT: LiteralString = (
-    _PROMPT_CONTRIBUTIONS
-    + """
-MATCH (f)-[g:AGG_EDGE]->(t)
-SET g.n_prompts = g.n_prompts - 1, g.n_edges = g.n_edges - n, g.sum_weight_fx = g.sum_weight_fx - s,
-    g.sum_abs_weight_fx = g.sum_abs_weight_fx - sa
-WITH f, t, g, mx, g.n_prompts <= 0 AS gone
-CALL (f, t, g, mx, gone) {
-  WITH f, t, g, mx WHERE NOT gone AND mx >= g.max_abs_weight
+    g.max_abs_weight = CASE WHEN coalesce(new_mx, -1.0) > current THEN new_mx ELSE current END
+WITH f, t, g, np <= 0 AS gone,
+     old_mx IS NOT NULL AND old_mx >= current AND coalesce(new_mx, -1.0) < old_mx AS stale
+CALL (f, t, g, gone, stale) {
+  WITH f, t, g WHERE stale AND NOT gone
   MATCH (f)<-[:OF]-(a:FeatureActivation)-[e:EDGE]->(b)-[:OF]->(t)
-  WHERE a.prompt_id <> $pid AND (b:FeatureActivation OR b:LogitTarget)
+  WHERE b:FeatureActivation OR b:LogitTarget
   WITH g, max(abs(e.weight)) AS m
   SET g.max_abs_weight = m
 }
@@ -150,18 +177,37 @@ class RebuildResult:
     seconds: float
 
 
-def add_prompt(tx: ManagedTransaction, prompt_id: str) -> None:
-    """Add a stored prompt's contributions and mark it `aggregated` (inside the transaction that wrote its edges).
+@dataclass(frozen=True)
+class Contributions:
+    """A stored prompt version's contributions, read before it is deleted: rows [F key, X key, n, s, sa, mx]."""
 
-    The caller guarantees the prompt is not aggregated yet (the writer: its Prompt properties were just replaced).
-    """
-    tx.run(ADD_PROMPT, pid=prompt_id, scale=FIXED_POINT_SCALE).consume()
-    tx.run("MATCH (p:Prompt {id: $pid}) SET p.aggregated = true", pid=prompt_id).consume()
+    to_features: list[list[Any]]
+    to_tokens: list[list[Any]]
 
 
-def subtract_prompt(tx: ManagedTransaction, prompt_id: str) -> None:
-    """Remove a stored, aggregated prompt's contributions (inside the transaction that deletes or replaces it)."""
-    tx.run(SUBTRACT_PROMPT, pid=prompt_id, scale=FIXED_POINT_SCALE).consume()
+def read_contributions(tx: ManagedTransaction, prompt_id: str) -> Contributions:
+    """The stored version's contributions (call before deleting its nodes; takes no locks)."""
+    record = tx.run(READ_CONTRIBUTIONS, pid=prompt_id, scale=FIXED_POINT_SCALE).single()
+    if record is None:
+        return Contributions([], [])
+    rows, is_feature = record["ff_tt"], record["is_feature"]
+    return Contributions(
+        [r for r, f in zip(rows, is_feature, strict=True) if f],
+        [r for r, f in zip(rows, is_feature, strict=True) if not f],
+    )
+
+
+def apply_prompt(tx: ManagedTransaction, prompt_id: str, *, add: bool, old: Contributions | None) -> None:
+    """Add the prompt's current contributions (`add`) and remove `old` ones in one ordered sweep; `add` also marks
+    the Prompt `aggregated`. Call last in the prompt's transaction (after its nodes and edges are written/deleted)."""
+    if not add and old is None:
+        return
+    old = old if old is not None else Contributions([], [])
+    tx.run(
+        APPLY, pid=prompt_id, add=add, old_ff=old.to_features, old_ft=old.to_tokens, scale=FIXED_POINT_SCALE
+    ).consume()
+    if add:
+        tx.run("MATCH (p:Prompt {id: $pid}) SET p.aggregated = true", pid=prompt_id).consume()
 
 
 def _lock_and_read_flag(tx: ManagedTransaction, prompt_id: str) -> bool | None:
@@ -173,12 +219,9 @@ def _lock_and_read_flag(tx: ManagedTransaction, prompt_id: str) -> bool | None:
     return None if record is None else bool(record["a"])
 
 
-def subtract_if_aggregated(tx: ManagedTransaction, prompt_id: str) -> bool:
-    """Before deleting a prompt: remove its contributions if it has any; True if it had."""
-    if _lock_and_read_flag(tx, prompt_id):
-        subtract_prompt(tx, prompt_id)
-        return True
-    return False
+def contributions_before_delete(tx: ManagedTransaction, prompt_id: str) -> Contributions | None:
+    """Before deleting a prompt: lock it and read its contributions if it is aggregated (else None)."""
+    return read_contributions(tx, prompt_id) if _lock_and_read_flag(tx, prompt_id) else None
 
 
 def update_for_prompts(driver: Driver, prompt_ids: Iterable[str], *, database: str = "neo4j") -> int:
@@ -191,7 +234,7 @@ def update_for_prompts(driver: Driver, prompt_ids: Iterable[str], *, database: s
 
     def work(tx: ManagedTransaction, pid: str) -> bool:
         if _lock_and_read_flag(tx, pid) is False:
-            add_prompt(tx, pid)
+            apply_prompt(tx, pid, add=True, old=None)
             return True
         return False
 

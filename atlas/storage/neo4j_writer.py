@@ -45,9 +45,10 @@ graph.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,6 +58,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from neo4j import Driver, ManagedTransaction
+from neo4j.exceptions import ServiceUnavailable, SessionExpired
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA
 from atlas.storage import aggregate
@@ -171,6 +173,26 @@ class GraphValidationError(ValueError):
 
 class GraphWriteError(RuntimeError):
     """The server did not create what a batch should have created; the prompt's transaction was rolled back."""
+
+
+class StoreUnavailableError(ServiceUnavailable):
+    """Neo4j could not be reached, even after the driver's retries; the prompt is whole or absent, never partial.
+
+    A subclass of the driver's `ServiceUnavailable`, so existing handlers keep working.
+    """
+
+
+@contextlib.contextmanager
+def _unavailable_as_error(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (ServiceUnavailable, SessionExpired) as exc:
+        if isinstance(exc, StoreUnavailableError):
+            raise
+        raise StoreUnavailableError(
+            f"{what}: Neo4j is unreachable ({exc}) after the driver's retries. A prompt is committed whole or not at "
+            "all, and writing it again is safe (idempotent): rerun once the server answers (`atlas db status`)."
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -290,7 +312,8 @@ class GraphWriter:
 
     def ensure_schema(self) -> int:
         """Create constraints/indexes and check the schema version (once per writer); return the version."""
-        version = ensure_schema(self.driver, self.database)
+        with _unavailable_as_error("the schema could not be checked"):
+            version = ensure_schema(self.driver, self.database)
         self._schema_ready = True
         return version
 
@@ -302,7 +325,10 @@ class GraphWriter:
         if not self._schema_ready:
             self.ensure_schema()
         started = time.perf_counter()
-        with self.driver.session(database=self.database) as session:
+        with (
+            _unavailable_as_error(f"prompt {plan.prompt_id!r} was not written"),
+            self.driver.session(database=self.database) as session,
+        ):
             replaced = session.execute_write(self._run_plan, plan)
         return WriteResult(plan.prompt_id, plan.n_nodes, plan.n_edges, replaced, time.perf_counter() - started)
 
@@ -340,6 +366,7 @@ class GraphWriter:
     def _run_plan(self, tx: ManagedTransaction, plan: _PromptPlan) -> bool:
         deleted = 0
         was_aggregated = False
+        old: aggregate.Contributions | None = None
         for position, st in enumerate(plan.statements):
             result = tx.run(st.query, st.params)
             if position == 0:
@@ -357,14 +384,15 @@ class GraphWriter:
             if position == 0:
                 # The Prompt MERGE + SET comes first: its write lock serialises concurrent writers of the same
                 # prompt, so this delete sees (and removes) whatever a previous writer committed. The old version's
-                # aggregate contributions (if it had been aggregated) are read from its edges, so they go first.
+                # aggregate contributions (if it had been aggregated) are read from its edges first; they are
+                # subtracted at the end, in the same ordered sweep that adds the new ones.
                 if was_aggregated:
-                    aggregate.subtract_prompt(tx, plan.prompt_id)
+                    old = aggregate.read_contributions(tx, plan.prompt_id)
                 deleted = tx.run(_DELETE_PROMPT_NODES, pid=plan.prompt_id).consume().counters.nodes_deleted
             if self.after_batch is not None:
                 self.after_batch(st.stage, st.rows)
-        if self.aggregates:
-            aggregate.add_prompt(tx, plan.prompt_id)  # also marks the Prompt `aggregated`
+        if self.aggregates or old is not None:
+            aggregate.apply_prompt(tx, plan.prompt_id, add=self.aggregates, old=old)  # add marks it `aggregated`
             if self.after_batch is not None:
                 self.after_batch("aggregates", plan.n_edges)
         return deleted > 0
@@ -570,12 +598,16 @@ class GraphWriter:
             self.ensure_schema()
 
         def work(tx: ManagedTransaction) -> bool:
-            aggregate.subtract_if_aggregated(tx, prompt_id)
+            old = aggregate.contributions_before_delete(tx, prompt_id)
             nodes = tx.run(_DELETE_PROMPT_NODES, pid=prompt_id).consume().counters.nodes_deleted
+            aggregate.apply_prompt(tx, prompt_id, add=False, old=old)
             prompts = tx.run(_DELETE_PROMPT, pid=prompt_id).consume().counters.nodes_deleted
             return nodes + prompts > 0
 
-        with self.driver.session(database=self.database) as session:
+        with (
+            _unavailable_as_error(f"prompt {prompt_id!r} was not deleted"),
+            self.driver.session(database=self.database) as session,
+        ):
             return session.execute_write(work)
 
     def set_feature_labels(self, labels: Mapping[str, str]) -> int:
