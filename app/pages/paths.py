@@ -1,0 +1,94 @@
+"""Paths across prompts: from source features (picked via search) to target logit tokens; hop limit and minimum
+|weight|; ranked table, per-prompt drill-down and a merged graph of all paths found."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app.layout import figure
+from app.resources import show_error, store
+from app.shaping import merged_path_graph, parse_list, path_rows, per_prompt_summary
+from app.store import path_graph
+
+st.title("Paths across prompts")
+try:
+    s = store()
+except Exception as err:
+    show_error(err, "cannot reach the store")
+    st.stop()
+
+st.markdown("**1. Source features** — search, then pick; or type feature keys, labels or top tokens directly.")
+search = st.text_input("Search features", key="path_source_search")
+picked: list[str] = []
+if search.strip():
+    try:
+        found = s.q.find_features(search.strip(), limit=50).rows
+    except Exception as err:
+        show_error(err, "search failed")
+        found = ()
+    picked = st.multiselect(
+        "Matching features", [m.key for m in found], default=[m.key for m in found[:3]], key="path_source_pick",
+    )  # fmt: skip
+typed = st.text_area("More source features (one per line)", key="path_sources", height=68)
+st.markdown("**2. Target tokens** — logit tokens, comma or line separated (surrounding spaces are ignored).")
+targets_text = st.text_area("Target tokens", key="path_targets", height=68, placeholder=" Paris, London, Berlin")
+c1, c2, c3 = st.columns(3)
+hops = c1.number_input("Hop limit", 1, 6, 3, key="path_hops")
+min_w = c2.number_input("Min |weight| per edge", 0.0, value=0.0, step=0.01, format="%.4f", key="path_min_w")
+limit = c3.number_input("Max paths", 1, 2000, 100, key="path_limit")
+
+if st.button("Find paths", type="primary", key="run_paths"):
+    sources = list(dict.fromkeys([*picked, *parse_list(typed)]))
+    targets = parse_list(targets_text)
+    if not sources:
+        st.error("Pick or type at least one source feature.")
+    elif not targets:
+        st.error("Give at least one target token.")
+    else:
+        try:
+            with st.spinner("Searching paths across prompts…"):
+                st.session_state["path_result"] = s.q.paths_to_logits(
+                    sources, targets, max_hops=int(hops), min_abs_weight=float(min_w), limit=int(limit)
+                )
+        except Exception as err:
+            st.session_state.pop("path_result", None)
+            show_error(err, "path query failed")
+
+result = st.session_state.get("path_result")
+if result is not None:
+    paths = list(result.rows)
+    for note in result.notes:
+        st.caption(note)
+    st.caption(f"{len(paths)} path(s) in {result.elapsed_ms:.0f} ms")
+    with st.expander("Cypher"):
+        st.code(result.cypher, language="cypher")
+    if not paths:
+        st.warning("No path within the hop limit and weight threshold. Try more hops or a smaller min |weight|.")
+    else:
+        st.subheader("Ranked paths")
+        st.dataframe(pd.DataFrame(path_rows(paths)), hide_index=True, key="path_table")
+        st.subheader("Per prompt")
+        summary = per_prompt_summary(paths)
+        st.dataframe(pd.DataFrame(summary), hide_index=True, key="path_prompts")
+        drill = st.selectbox("Drill down into a prompt", [r["prompt"] for r in summary], key="path_drill")
+        mine = [p for p in paths if p.prompt_id == drill]
+        nodes: dict[int, object] = {}
+        edge_map = {}
+        for path in mine:
+            ns, es = path_graph(path)
+            nodes.update({n.index: n for n in ns})
+            edge_map.update({(e.source, e.target): e for e in es})
+        st.plotly_chart(
+            figure(list(nodes.values()), list(edge_map.values()), height=420),  # type: ignore[arg-type]
+            key="path_drill_chart",
+        )
+        st.page_link("pages/prompt_graph.py", label="open this prompt's full graph", query_params={"prompt": drill})
+        on_path = list(dict.fromkeys(n.node_id for p in mine for n in p.nodes if n.kind == "feature"))
+        if on_path and st.button("Send this prompt's path features to Interventions", key="paths_to_interventions"):
+            st.session_state["iv_prompt_id"] = drill
+            st.session_state["iv_preset"] = on_path
+            st.switch_page("pages/interventions.py")
+        st.subheader("Merged view (all prompts)")
+        merged_nodes, merged_edges = merged_path_graph(paths)
+        st.plotly_chart(figure(merged_nodes, merged_edges, height=460), key="path_merged_chart")

@@ -1,0 +1,406 @@
+"""The Streamlit app under `streamlit.testing.v1.AppTest`, every page, against a real Neo4j and DuckDB store.
+
+The store is populated once per session with real attribution graphs of the tiny GPT-2 (a random, calibrated CLT
+saved to disk): attribute -> prune_graph -> GraphWriter (Neo4j) and FeatureStatsShard -> FeatureStatsStore (DuckDB),
+under a unique transcoder id, so other tests sharing the server do not see or disturb it. The oracles (a feature
+that exists, the strongest feature->logit edge and a 2-hop path of a prompt, the model's own clean logits) come from
+the in-memory graphs and model, never from the app.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from neo4j import Driver
+from streamlit.testing.v1 import AppTest
+
+from atlas.attribution.context import build_context
+from atlas.attribution.engine import AttributionConfig, attribute
+from atlas.attribution.export import PrunedGraph, prompt_id, prune_graph
+from atlas.attribution.graph import feature_key
+from atlas.attribution.nodes import FeatureNode, LogitNode
+from atlas.attribution.targets import token_targets
+from atlas.models import LoadedModel
+from atlas.storage.feature_stats import FeatureStatsShard, FeatureStatsStore, logit_effect_table
+from atlas.storage.neo4j_server import Neo4jConnection
+from atlas.storage.neo4j_writer import GraphWriter
+from atlas.transcoders import TranscoderSpec, build_transcoder, save_transcoder
+from atlas.transcoders.base import EncoderStack
+
+APP = Path(__file__).resolve().parent.parent / "app" / "main.py"
+PROMPTS = {
+    "capitals": ["The Eiffel Tower is in the city of", "The capital of Italy is the city of"],
+    "ioi": ["When Mary and John went to the store, John gave it to"],
+    "arithmetic": ["two plus three is"],
+}
+TARGETS = ["a", "e", "s"]
+
+
+@dataclass
+class PlantedPath:
+    prompt_id: str
+    source_key: str  # feature key of the path's first node
+    target: str  # logit token text
+    node_ids: list[str]  # frontend ids along the path
+    weights: list[float]
+
+
+@dataclass
+class AtlasFixture:
+    connection: Neo4jConnection
+    stats_db: Path
+    transcoder_dir: Path
+    transcoder_id: str
+    model_name: str
+    graphs: dict[str, PrunedGraph]  # prompt id -> pruned graph
+    texts: dict[str, str]  # prompt id -> text
+    activations: dict[str, torch.Tensor]  # prompt id -> (L, n_pos, F) clean feature activations
+    token_strings: dict[str, list[str]]
+    one_hop: PlantedPath
+    two_hop: PlantedPath | None
+
+    def env(self) -> dict[str, str]:
+        return {
+            "ATLAS_NEO4J_URI": self.connection.uri,
+            "NEO4J_USER": self.connection.user,
+            "NEO4J_PASSWORD": self.connection.password,
+            "NEO4J_DATABASE": self.connection.database,
+            "ATLAS_STATS_DB": str(self.stats_db),
+            "ATLAS_TRANSCODERS": str(self.transcoder_dir),
+            "ATLAS_MODEL": self.model_name,
+        }
+
+
+def calibrated_transcoder(model: LoadedModel, text: str) -> EncoderStack:
+    """A random CLT whose encoder biases make about 15 % of features fire (as in test_attribution)."""
+    torch.manual_seed(3)
+    spec = TranscoderSpec(kind="clt", n_layers=model.info.n_layers, d_model=model.info.d_model, n_features=24)
+    transcoder = build_transcoder(spec)
+    with torch.no_grad():
+        for param in transcoder.parameters():
+            param.normal_(0, 0.3)
+        if transcoder.log_threshold is not None:
+            transcoder.log_threshold.fill_(-3.0)
+        ctx = build_context(model, transcoder, model.tokenize(text)[0], zero_positions=())
+        pre = torch.bmm(ctx.inputs, transcoder.W_enc.transpose(1, 2))
+        transcoder.b_enc.copy_(-torch.quantile(pre, 0.85, dim=1) + 0.05)
+    return transcoder
+
+
+def _edges_of(pruned: PrunedGraph) -> list[tuple[int, int, float]]:
+    edges = pruned.graph.edges.select(pruned.result.edge_mask)
+    return list(zip(edges.source.tolist(), edges.target.tolist(), edges.weight.tolist(), strict=True))
+
+
+def plant_paths(pid: str, pruned: PrunedGraph, transcoder_id: str) -> tuple[PlantedPath | None, PlantedPath | None]:
+    """The strongest stored feature->logit edge and feature->feature->logit chain of a pruned graph."""
+    index = pruned.graph.index
+    L = index.n_layers
+    node_mask = pruned.result.node_mask
+    edges = [(s, t, w) for s, t, w in _edges_of(pruned) if node_mask[s] and node_mask[t]]
+    from atlas.attribution.nodes import frontend_id
+
+    def node(i: int) -> object:
+        return index.node_at(i)
+
+    def fid(i: int) -> str:
+        return frontend_id(index.node_at(i), L)  # type: ignore[arg-type]
+
+    one = [(s, t, w) for s, t, w in edges if isinstance(node(s), FeatureNode) and isinstance(node(t), LogitNode)]
+    one_hop = None
+    if one:
+        s, t, w = max(one, key=lambda e: abs(e[2]))
+        f, lg = node(s), node(t)
+        assert isinstance(f, FeatureNode) and isinstance(lg, LogitNode)
+        one_hop = PlantedPath(pid, feature_key(transcoder_id, f.layer, f.feature), lg.label, [fid(s), fid(t)], [w])
+    ff = [(s, t, w) for s, t, w in edges if isinstance(node(s), FeatureNode) and isinstance(node(t), FeatureNode)]
+    two_hop = None
+    best = 0.0
+    for s, m, w1 in ff:
+        for s2, t, w2 in one:
+            if s2 == m and abs(w1 * w2) > best:
+                f, lg = node(s), node(t)
+                assert isinstance(f, FeatureNode) and isinstance(lg, LogitNode)
+                best = abs(w1 * w2)
+                two_hop = PlantedPath(
+                    pid, feature_key(transcoder_id, f.layer, f.feature), lg.label, [fid(s), fid(m), fid(t)], [w1, w2]
+                )
+    return one_hop, two_hop
+
+
+def build_atlas(
+    tmp: Path, model: LoadedModel, connection: Neo4jConnection, driver: Driver
+) -> tuple[AtlasFixture, GraphWriter]:
+    """Attribute the prompts, write graphs to Neo4j and statistics to DuckDB; return what the tests check."""
+    tag = uuid.uuid4().hex[:8]
+    transcoder_id = f"apptest-{tag}"
+    all_texts = [text for texts in PROMPTS.values() for text in texts]
+    transcoder = calibrated_transcoder(model, all_texts[0])
+    transcoder_dir = save_transcoder(transcoder, tmp / "transcoders", model_name=model.info.name)
+    writer = GraphWriter(driver, connection.database)
+    shard = FeatureStatsShard(transcoder_id, transcoder.spec.n_layers, transcoder.spec.n_features, top_k=8)
+    graphs: dict[str, PrunedGraph] = {}
+    texts: dict[str, str] = {}
+    activations: dict[str, torch.Tensor] = {}
+    token_strings: dict[str, list[str]] = {}
+    plants: list[tuple[PlantedPath | None, PlantedPath | None]] = []
+    for task, prompt_texts in PROMPTS.items():
+        for text in prompt_texts:
+            tokens = model.tokenize(text)[0]
+            ctx = build_context(model, transcoder, tokens)
+            targets = token_targets(TARGETS, model.model.W_U.detach(), model.tokenizer, len(tokens) - 1, ctx.logits[-1])
+            graph = attribute(
+                model, transcoder, text, targets=targets, config=AttributionConfig(), transcoder_id=transcoder_id
+            )
+            pruned = prune_graph(graph, node_threshold=0.9, edge_threshold=0.99)
+            pid = f"{prompt_id(graph)}-{tag}"
+            nodes, edges = graph.to_tables(pid, influence=pruned.result.cumulative_scores)
+            nodes = nodes.filter(pruned.result.node_mask.numpy())
+            edges = edges.filter(pruned.result.edge_mask.numpy())
+            meta = {
+                "id": pid, "text": text, "tokens": graph.tokens, "model": model.info.name,
+                "transcoder": transcoder_id, "run": f"apptest-run-{tag}", "task": task,
+                "replacement_score": pruned.scores_pruned.replacement,
+                "completeness_score": pruned.scores_pruned.completeness,
+            }  # fmt: skip
+            writer.write_prompt(meta, nodes, edges)
+            graphs[pid], texts[pid] = pruned, text
+            activations[pid], token_strings[pid] = ctx.activations.clone(), list(graph.token_strings)
+            plants.append(plant_paths(pid, pruned, transcoder_id))
+            shard.add(pid, graph.token_strings, ctx.activations)
+    store = FeatureStatsStore(tmp / "stats.duckdb", top_k=8)
+    effects = logit_effect_table(transcoder, model.model.W_U.detach(), model.tokenizer, transcoder_id, top=5)
+    store.ingest([shard.write(tmp / "shards")], logit_effects=effects)
+    one_hops = [p for p, _ in plants if p is not None]
+    two_hops = [p for _, p in plants if p is not None]
+    assert one_hops, "no feature->logit edge survived pruning in any prompt; the fixture needs another seed"
+    fixture = AtlasFixture(
+        connection, store.path, transcoder_dir, transcoder_id, model.info.name, graphs, texts, activations,
+        token_strings, max(one_hops, key=lambda p: abs(p.weights[0])), two_hops[0] if two_hops else None,
+    )  # fmt: skip
+    return fixture, writer
+
+
+@pytest.fixture(scope="session")
+def atlas_store(
+    tmp_path_factory: pytest.TempPathFactory, tiny_gpt2: LoadedModel, neo4j_connection: Neo4jConnection,
+    neo4j_driver: Driver,
+) -> Iterator[AtlasFixture]:  # fmt: skip
+    fixture, writer = build_atlas(tmp_path_factory.mktemp("atlas-app"), tiny_gpt2, neo4j_connection, neo4j_driver)
+    try:
+        yield fixture
+    finally:
+        for pid in fixture.graphs:
+            writer.delete_prompt(pid)
+
+
+@pytest.fixture
+def app_env(atlas_store: AtlasFixture, monkeypatch: pytest.MonkeyPatch) -> AtlasFixture:
+    for name in ("NEO4J_URI", "ATLAS_QUERY_TIMEOUT_S", "ATLAS_ROW_CAP"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in atlas_store.env().items():
+        monkeypatch.setenv(name, value)
+    return atlas_store
+
+
+def app_test(page: str | None = None) -> AppTest:
+    """The app, run once (navigation registered), then switched to `page` (e.g. "pages/features.py") and run."""
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception, at.exception
+    if page is not None:
+        at.switch_page(page).run()
+    return at
+
+
+def frames(at: AppTest, *columns: str) -> list[Any]:
+    """The rendered dataframes (pandas) that have all these columns, in page order."""
+    return [d.value for d in at.dataframe if set(columns) <= set(d.value.columns)]
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error] + [str(e.value) for e in at.exception]
+
+
+def test_overview_counts_prompts_and_plots_scores(app_env: AtlasFixture) -> None:
+    at = app_test()
+    assert not errors(at), errors(at)
+    assert at.title[0].value == "Atlas overview"
+    metrics = {m.label: m.value for m in at.metric}
+    assert int(metrics["prompts"].replace(",", "")) >= len(app_env.graphs)
+    runs = at.dataframe[1].value
+    mine = runs[runs["run"].astype(str).str.startswith("apptest-run-") & (runs["transcoder"] == app_env.transcoder_id)]
+    assert int(mine["prompts"].sum()) == len(app_env.graphs)
+    tasks = at.dataframe[2].value
+    assert set(PROMPTS) <= set(tasks["task"])
+    charts = [c for c in at.get("plotly_chart")]
+    assert len(charts) >= 2  # tasks bar chart and score histogram
+
+
+def feature_density(app_env: AtlasFixture, layer: int, feature: int) -> tuple[float, str, float]:
+    """(share of active tokens, text of its top activating token, top activation) over the fixture's prompts."""
+    active = total = 0
+    best, best_token = -1.0, ""
+    for pid, acts in app_env.activations.items():
+        column = acts[layer, :, feature]
+        active += int((column > 0).sum())
+        total += column.numel()
+        value, position = column.max(0)
+        if float(value) > best:
+            best, best_token = float(value), app_env.token_strings[pid][int(position)]
+    return active / total, best_token, best
+
+
+def test_feature_search_and_dashboard(app_env: AtlasFixture) -> None:
+    key = app_env.one_hop.source_key
+    _, layer, feature = key.rsplit("/", 2)
+    at = app_test("pages/features.py")
+    assert at.info, "an empty search shows a hint"
+    at.text_input(key="feature_search").input(key).run()
+    assert not errors(at), errors(at)
+    results = frames(at, "matched on")[0]
+    assert key in set(results["key"])
+    assert at.selectbox(key="feature_pick").value == key
+    density, top_token, top_value = feature_density(app_env, int(layer), int(feature))
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["density (active tokens)"] == f"{density:.4%}"
+    assert metrics["max activation"] == f"{top_value:.3g}"
+    assert frames(at, "token", "effect")[0].shape[0] == 5
+    mattering = frames(at, "best influence")[0]
+    assert app_env.one_hop.prompt_id in set(mattering["prompt"])
+    print([c.value for c in at.caption]); print(frames(at, "partner"))
+    downstream = frames(at, "partner")[1]
+    assert app_env.one_hop.target in set(downstream["text"])  # the planted logit edge, aggregated
+    if top_token.strip():  # search by a top activating token finds it too
+        at.text_input(key="feature_search").input(top_token.strip()).run()
+        assert not errors(at), errors(at)
+        assert key in set(frames(at, "matched on")[0]["key"])
+    at.text_input(key="feature_search").input("no-such-feature-xyz").run()
+    assert "No feature matches" in at.warning[0].value
+
+
+def test_prompt_graph_threshold_detail_and_pins(app_env: AtlasFixture) -> None:
+    pid = app_env.one_hop.prompt_id
+    pruned = app_env.graphs[pid]
+    at = app_test("pages/prompt_graph.py")
+    at.selectbox(key="prompt_pick").select(pid).run()
+    assert not errors(at), errors(at)
+    n_nodes, n_edges = int(pruned.result.node_mask.sum()), int(pruned.result.edge_mask.sum())
+    assert at.caption[0].value.startswith(f"{n_nodes} nodes, {n_edges} edges")
+    assert f"showing {n_nodes} of {n_nodes} nodes" in " ".join(c.value for c in at.caption)
+    source_id = app_env.one_hop.node_ids[0]
+    picker = at.selectbox(key="node_pick")
+    picker.select_index(next(k for k, label in enumerate(picker.options) if label.startswith(source_id + " "))).run()
+    detail = frames(at, "direction", "weight")[0]
+    out = detail[detail["direction"] == "out"]
+    assert app_env.one_hop.node_ids[1] in set(out["node"])
+    weight = float(out[out["node"] == app_env.one_hop.node_ids[1]]["weight"].iloc[0])
+    assert weight == pytest.approx(app_env.one_hop.weights[0], rel=1e-5)
+    at.button(key="pin_node").click().run()
+    assert len(at.session_state["pinned_select"]) == 1
+    assert len(at.get("plotly_chart")) == 2  # the graph and the pinned subgraph
+    at.slider(key="node_threshold").set_value(0.3).run()
+    shown = next(c.value for c in at.caption if c.value.startswith("showing"))
+    kept = int(shown.split()[1])
+    influence = pruned.result.cumulative_scores[pruned.result.node_mask]
+    assert kept < n_nodes or bool((influence <= 0.3).all())
+
+
+def run_paths(at: AppTest, path: PlantedPath, hops: int) -> None:
+    at.text_area(key="path_sources").input(path.source_key)
+    at.text_area(key="path_targets").input(path.target)
+    at.number_input(key="path_hops").set_value(hops)
+    at.number_input(key="path_min_w").set_value(0.5 * min(abs(w) for w in path.weights))
+    at.button(key="run_paths").click().run()
+
+
+def test_path_query_returns_the_planted_paths(app_env: AtlasFixture) -> None:
+    at = app_test("pages/paths.py")
+    run_paths(at, app_env.one_hop, hops=1)
+    assert not errors(at), errors(at)
+    table = frames(at, "rank", "path")[0]
+    expected = " → ".join(app_env.one_hop.node_ids)
+    row = table[(table["prompt"] == app_env.one_hop.prompt_id) & (table["path"] == expected)]
+    assert len(row) == 1
+    assert float(row["strength"].iloc[0]) == pytest.approx(app_env.one_hop.weights[0], rel=1e-5)
+    assert set(table["hops"]) == {1}
+    assert len(at.get("plotly_chart")) == 2  # per-prompt drill-down and merged view
+    if app_env.two_hop is not None:
+        run_paths(at, app_env.two_hop, hops=2)
+        table = frames(at, "rank", "path")[0]
+        expected = " → ".join(app_env.two_hop.node_ids)
+        row = table[(table["prompt"] == app_env.two_hop.prompt_id) & (table["path"] == expected)]
+        assert len(row) == 1
+        product = app_env.two_hop.weights[0] * app_env.two_hop.weights[1]
+        assert float(row["strength"].iloc[0]) == pytest.approx(product, rel=1e-5)
+    at.text_area(key="path_targets").input("").run()
+    at.button(key="run_paths").click().run()
+    assert "Give at least one target token." in errors(at)
+
+
+def test_cypher_console_rejects_writes_and_returns_rows(app_env: AtlasFixture, neo4j_driver: Driver) -> None:
+    count = "MATCH (n) RETURN count(n) AS n"
+    before = neo4j_driver.execute_query(count).records[0]["n"]
+    at = app_test("pages/cypher.py")
+    for query, word in (
+        ("CREATE (x:Hacked {name: 'x'}) RETURN x", "CREATE"),
+        ("MATCH (p:Prompt) DETACH DELETE p", "DETACH"),
+        ("MATCH (p:Prompt) WITH p LIMIT 1 DELETE p", "DELETE"),
+        ("CALL dbms.components()", "dbms"),
+        ("MATCH (p:Prompt) SET p.text = 'x'", "SET"),
+        ("LOAD CSV FROM 'file:///etc/passwd' AS row RETURN row", "LOAD CSV"),
+    ):
+        at.text_area(key="cypher").input(query)
+        at.button(key="run_cypher").click().run()
+        assert at.error, query
+        assert at.error[0].value.startswith("Rejected:") and word in at.error[0].value, at.error[0].value
+        assert not at.dataframe
+    assert neo4j_driver.execute_query(count).records[0]["n"] == before
+    read = f"MATCH (p:Prompt) WHERE p.transcoder = '{app_env.transcoder_id}' RETURN p.id AS id, p.task AS task"
+    at.text_area(key="cypher").input(read)
+    at.button(key="run_cypher").click().run()
+    assert not errors(at), errors(at)
+    rows = frames(at, "id", "task")[0]
+    assert set(rows["id"]) == set(app_env.graphs)
+    at.button(key="example_3").click().run()  # paths example: loads the text, then run shows a graph
+    assert at.text_area(key="cypher").value.startswith("MATCH p =")
+    at.button(key="run_cypher").click().run()
+    assert not errors(at), errors(at)
+    assert at.get("plotly_chart"), "paths come back as a graph"
+
+
+def test_intervention_changes_the_logits(app_env: AtlasFixture, tiny_gpt2: LoadedModel) -> None:
+    from atlas.attribution.interventions import FeatureIntervention, intervene
+    from atlas.transcoders import load_transcoder
+
+    pid = app_env.one_hop.prompt_id
+    node_id = app_env.one_hop.node_ids[0]
+    at = app_test("pages/interventions.py")
+    at.selectbox(key="iv_prompt").select(pid).run()
+    at.button(key="iv_run").click().run()
+    assert "pick at least one feature to intervene on" in errors(at)
+    at.multiselect(key="iv_features").select(node_id)
+    at.selectbox(key="iv_op").select("ablate")
+    at.selectbox(key="iv_mode").select("constrained")
+    at.slider(key="iv_new_tokens").set_value(4)
+    at.button(key="iv_run").click().run()
+    assert not errors(at), errors(at)
+    outcome = at.session_state["iv_result"]
+    layer, feature, position = (int(x) for x in node_id.split("_"))
+    transcoder = load_transcoder(app_env.transcoder_dir)
+    tokens = torch.tensor(app_env.graphs[pid].graph.tokens)
+    ctx = build_context(tiny_gpt2, transcoder, tokens)
+    edited = intervene(ctx, [FeatureIntervention(layer, feature, position, "ablate")], mode="constrained")
+    delta = (edited.logits[-1].softmax(-1) - ctx.logits[-1].softmax(-1)).abs().max()
+    assert float(delta) > 0
+    assert outcome.max_abs_delta == pytest.approx(float(delta), rel=1e-4)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["max |Δ probability|"] == f"{float(delta):.4f}"
+    table = frames(at, "before", "after", "delta")[0]
+    assert (table["delta"].abs() > 0).any()
+    assert len(at.code) == 2  # continuations with and without
