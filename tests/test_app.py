@@ -273,9 +273,10 @@ def test_feature_search_and_dashboard(app_env: AtlasFixture) -> None:
     assert frames(at, "token", "effect")[0].shape[0] == 5
     mattering = frames(at, "best influence")[0]
     assert app_env.one_hop.prompt_id in set(mattering["prompt"])
-    print([c.value for c in at.caption]); print(frames(at, "partner"))
-    downstream = frames(at, "partner")[1]
-    assert app_env.one_hop.target in set(downstream["text"])  # the planted logit edge, aggregated
+    # the planted logit edge, aggregated over prompts, is among the downstream partners (the upstream table only
+    # lists features, so a layer-0 feature may have none)
+    partners = frames(at, "partner", "sum |weight|")
+    assert any(((f["kind"] == "logit") & (f["text"] == app_env.one_hop.target)).any() for f in partners)
     if top_token.strip():  # search by a top activating token finds it too
         at.text_input(key="feature_search").input(top_token.strip()).run()
         assert not errors(at), errors(at)

@@ -53,7 +53,9 @@ if preset:
     st.session_state["iv_features"] = preset
 
 st.markdown("**Features** — from this prompt's graph (most influential first), or by reference.")
-chosen = st.multiselect("Feature activations in the graph", list(labels), key="iv_features", format_func=lambda x: labels[x])
+chosen = st.multiselect(
+    "Feature activations in the graph", list(labels), key="iv_features", format_func=lambda x: labels[x]
+)
 extra = st.text_input(
     "More features (layer/index, transcoder/layer/index or L3#17, e.g. from a search; need positions below)",
     key="iv_extra",
