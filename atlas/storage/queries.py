@@ -319,14 +319,19 @@ MATCH (t:Token) WHERE (t.text = text OR trim(t.text) = trim(text)) AND ($model I
 RETURN text, collect(t.key) AS keys
 """
 
-# Paths inside one prompt from activations of the source features to logit targets of the target tokens. Hops are
-# inlined (validated integer); per-hop predicates sit inside the quantified pattern so they prune the expansion.
+# Paths inside one prompt from activations of the source features to logit targets of the target tokens. Only
+# activations in prompts that have such a logit target are expanded (`candidates`). Hops are inlined (a validated
+# integer); the per-hop weight predicate sits inside the quantified pattern so it prunes the expansion.
 _PATHS: LiteralString = (
     """
+MATCH (t0:Token) WHERE t0.key IN $targets
+MATCH (t0)<-[:OF]-(l0:LogitTarget)
+WITH collect(DISTINCT l0.prompt_id) AS candidates
 MATCH (f:Feature) WHERE f.key IN $sources
 MATCH (f)<-[:OF]-(a:FeatureActivation)
+WHERE a.prompt_id IN candidates AND ($prompts IS NULL OR a.prompt_id IN $prompts)
 MATCH p = (a)(()-[r:EDGE WHERE abs(r.weight) >= $min_w]->()){HOPS}(l:LogitTarget)
-WHERE l.token_id IS NOT NULL AND ($prompts IS NULL OR a.prompt_id IN $prompts)
+WHERE l.token_id IS NOT NULL
 MATCH (l)-[:OF]->(t:Token) WHERE t.key IN $targets
 WITH f, a, p, t, [e IN relationships(p) | e.weight] AS ws
 WITH f, a, p, t, ws, reduce(s = 1.0, w IN ws | s * w) AS strength,

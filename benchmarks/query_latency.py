@@ -1,0 +1,303 @@
+"""Latency of the cross-prompt path query (`AtlasQueries.paths_to_logits`) over millions of stored edges.
+
+Loads `--prompts` synthetic prompt graphs (the generator of `benchmarks/neo4j_load.py`: Zipf-recurring features,
+heavy-tailed degrees and weights) into a DEDICATED managed Neo4j in a temporary directory (its own data dir, heap and
+page cache; deleted at the end), with `GraphWriter` and its aggregate layer on. A fraction `--planted` of the prompts
+also gets a planted circuit  Dallas -> Texas -> say-a-capital -> logit " Austin"  (weights scaled per prompt, wired
+into the prompt's random graph: input tokens drive Dallas, Dallas drives random features, random features drive the
+capital feature), and some other prompts a " Sacramento" / " Albany" logit.
+
+Then `--reps` path queries with varied parameters (sources by key, by label, and random features sampled by
+activation count; target sets of capitals; max_hops 2..4; min |weight| 0.02..0.1; limit 10..50), timed on the client
+(resolution queries included), after a few warm-up queries. It prints p50/p95/max overall and by source kind, checks
+that the planted path ranks first for the planted query, and times the other library queries a few times each.
+The machine's load average is printed at each phase: the development machines are shared.
+
+    .venv/bin/python -m benchmarks.query_latency [--prompts 2000] [--edges 2600] [--reps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from neo4j import GraphDatabase
+
+from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA, feature_key
+from atlas.storage.neo4j_server import LocalNeo4jServer
+from atlas.storage.neo4j_writer import GraphWriter
+from atlas.storage.queries import AtlasQueries, QueryError
+from benchmarks.neo4j_load import TRANSCODER, VOCAB, synthetic_prompt
+
+Graph = tuple[dict[str, Any], pa.Table, pa.Table]
+
+# Planted identities: feature indices beyond the generator's dictionary, token ids beyond its vocabulary.
+DALLAS, TEXAS, CAPITAL = (4, 20_001), (12, 20_002), (22, 20_003)
+CAPITALS = {VOCAB + 1: " Austin", VOCAB + 2: " Sacramento", VOCAB + 3: " Albany", VOCAB + 4: " Tallahassee"}
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} CPUs"
+
+
+def plant(rng: np.random.Generator, graph: Graph, scale: float, capital_id: int) -> Graph:
+    """Append the planted features and a capital logit to a generated prompt, wired into its random graph."""
+    meta, nodes, edges = graph
+    rows = nodes.to_pydict()
+    n0 = len(rows["node_index"])
+    n_pos = int(max(rows["position"])) + 1
+    last = n_pos - 1
+    layer_of = rows["layer"]
+    kinds = rows["kind"]
+    feature_rows = [i for i, k in enumerate(kinds) if k == "feature"]
+    token_rows = [i for i, k in enumerate(kinds) if k == "token"]
+
+    def add(kind: str, node_id: str, position: int, **values: Any) -> int:
+        index = len(rows["node_index"])
+        rows["prompt_id"].append(meta["id"])
+        rows["node_index"].append(index)
+        rows["node_id"].append(node_id)
+        rows["kind"].append(kind)
+        rows["position"].append(position)
+        for name in ("layer", "feature", "feature_key", "token_id", "token", "activation", "probability"):
+            rows[name].append(values.get(name))
+        rows["influence"].append(float(rng.random() * 0.2))
+        return index
+
+    pos = int(rng.integers(0, n_pos))
+    planted = {}
+    for name, (layer, idx), p in (("dallas", DALLAS, pos), ("texas", TEXAS, pos), ("capital", CAPITAL, last)):
+        planted[name] = add("feature", f"{layer}_{idx}_{p}", p, layer=layer, feature=idx,
+                            feature_key=feature_key(TRANSCODER, layer, idx), activation=float(2.0 * scale))  # fmt: skip
+    text = CAPITALS[capital_id]
+    logit = add("logit", f"31_{capital_id}_{last}", last, token_id=capital_id, token=text, activation=3.0,
+                probability=0.4)  # fmt: skip
+    src, tgt, wts = edges.column("source").to_pylist(), edges.column("target").to_pylist(), edges.column("weight")
+    weights = wts.to_pylist()
+    new: list[tuple[int, int, float]] = [
+        (planted["dallas"], planted["texas"], 0.9 * scale),
+        (planted["texas"], planted["capital"], 0.8 * scale),
+        (planted["capital"], logit, 0.7 * scale),
+        (planted["dallas"], logit, 0.05),  # weak direct route
+    ]
+    for t in rng.choice(token_rows, 3, replace=False):
+        new.append((int(t), planted["dallas"], float(rng.normal(0, 0.3))))
+    lower = [i for i in feature_rows if (layer_of[i] or 0) > DALLAS[0]]
+    for t in rng.choice(lower, min(6, len(lower)), replace=False):
+        new.append((planted["dallas"], int(t), float(rng.normal(0, 0.1))))
+    upper = [i for i in feature_rows if (layer_of[i] or 0) < CAPITAL[0]]
+    for s in rng.choice(upper, min(6, len(upper)), replace=False):
+        new.append((int(s), planted["capital"], float(rng.normal(0, 0.1))))
+        new.append((int(s), logit, float(rng.normal(0, 0.05))))
+    assert n0 == planted["dallas"]
+    nodes = pa.Table.from_pydict(rows, schema=NODE_SCHEMA)
+    edges = pa.Table.from_pydict(
+        {
+            "prompt_id": [meta["id"]] * (len(src) + len(new)),
+            "source": src + [e[0] for e in new],
+            "target": tgt + [e[1] for e in new],
+            "weight": weights + [e[2] for e in new],
+        },
+        schema=EDGE_SCHEMA,
+    )
+    return {**meta, "task": "capitals"}, nodes, edges
+
+
+def prompts(args: argparse.Namespace) -> Iterator[tuple[Graph, float | None]]:
+    """(graph, planted scale or None), generated lazily."""
+    rng = np.random.default_rng(args.seed)
+    shape = {"n_layers": args.layers, "n_pos": args.positions, "n_features": args.features,
+             "n_errors": args.errors, "n_edges": args.edges}  # fmt: skip
+    capital_ids = sorted(CAPITALS)
+    for i in range(args.prompts):
+        graph = synthetic_prompt(rng, f"bench-q-{i}", **shape)
+        if rng.random() < args.planted:
+            scale = float(rng.uniform(0.5, 1.5))
+            yield plant(rng, graph, scale, capital_ids[0] if rng.random() < 0.7 else capital_ids[1]), scale
+        else:
+            yield ({**graph[0], "task": "other"}, graph[1], graph[2]), None
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def summary(values: list[float]) -> str:
+    return (f"n={len(values)} p50 {percentile(values, 50):.1f} ms, p95 {percentile(values, 95):.1f} ms, "
+            f"max {max(values):.1f} ms")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=2000)
+    parser.add_argument("--edges", type=int, default=2600, help="edges per prompt")
+    parser.add_argument("--features", type=int, default=250)
+    parser.add_argument("--errors", type=int, default=200)
+    parser.add_argument("--positions", type=int, default=48)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--planted", type=float, default=0.1, help="fraction of prompts with the planted circuit")
+    parser.add_argument("--reps", type=int, default=60, help="timed path queries")
+    parser.add_argument("--workers", type=int, default=1, help="writer threads for the load")
+    parser.add_argument("--heap", default="2g")
+    parser.add_argument("--pagecache", default="2g")
+    parser.add_argument("--timeout", type=float, default=10.0, help="server-side timeout of each query (s)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(f"start: {load_average()}")
+
+    with tempfile.TemporaryDirectory(prefix="atlas-query-bench-") as tmp:
+        server = LocalNeo4jServer(instance_dir=Path(tmp) / "instance", heap_initial=args.heap, heap_max=args.heap,
+                                  pagecache=args.pagecache)  # fmt: skip
+        try:
+            started = time.perf_counter()
+            connection = server.start()
+            print(f"dedicated Neo4j started in {time.perf_counter() - started:.1f} s (heap {args.heap}, page cache "
+                  f"{args.pagecache}, data in {tmp})")  # fmt: skip
+            with GraphDatabase.driver(connection.uri, auth=(connection.user, connection.password)) as driver:
+                run(driver, connection.database, args, Path(tmp))
+        finally:
+            server.stop()
+    print(f"server stopped and its data directory deleted; end: {load_average()}")
+
+
+def run(driver: Any, db: str, args: argparse.Namespace, data_dir: Path) -> None:
+    writer = GraphWriter(driver, db)
+    writer.ensure_schema()
+    started = time.perf_counter()
+    n_edges = n_nodes = 0
+    planted_scales: dict[str, float] = {}
+    batch: list[Graph] = []
+    for graph, scale in prompts(args):
+        if scale is not None:
+            planted_scales[graph[0]["id"]] = scale
+        batch.append(graph)
+        if len(batch) == 50:
+            writer.write_prompts(batch, workers=args.workers)
+            n_nodes += sum(g[1].num_rows for g in batch)
+            n_edges += sum(g[2].num_rows for g in batch)
+            batch = []
+    if batch:
+        writer.write_prompts(batch, workers=args.workers)
+        n_nodes += sum(g[1].num_rows for g in batch)
+        n_edges += sum(g[2].num_rows for g in batch)
+    seconds = time.perf_counter() - started
+    counts = writer.store_counts()
+    size = sum(f.stat().st_size for f in data_dir.rglob("*") if f.is_file())
+    print(f"loaded {counts.prompts} prompts, {counts.instance_nodes:,} instance nodes, {counts.edges:,} EDGE "
+          f"relationships in {seconds:.0f} s ({n_edges / seconds:,.0f} edges/s incl. generation and aggregates); "
+          f"{len(planted_scales)} planted prompts; store on disk {size / 2**30:.2f} GiB; {load_average()}")  # fmt: skip
+    labels = {feature_key(TRANSCODER, *DALLAS): "Dallas", feature_key(TRANSCODER, *TEXAS): "Texas",
+              feature_key(TRANSCODER, *CAPITAL): "say a capital"}  # fmt: skip
+    writer.set_feature_labels(labels)
+
+    q = AtlasQueries(driver, db, timeout_s=args.timeout)
+    ov = q.overview().single
+    print(f"overview: {ov.prompts} prompts, {ov.features:,} features, {ov.edges:,} edges, {ov.agg_edges:,} "
+          f"aggregate edges, tasks {dict(ov.prompts_by_task)}")  # fmt: skip
+
+    # Random sources weighted like a user's picks: features with 20..2000 activations (neither unique nor hubs).
+    mid = driver.execute_query(
+        "MATCH (f:Feature) WITH f, COUNT { (f)<-[:OF]-() } AS n WHERE 20 <= n <= 2000 RETURN f.key AS key, n",
+        database_=db,
+    ).records
+    hub = driver.execute_query(
+        "MATCH (f:Feature) RETURN f.key AS key, COUNT { (f)<-[:OF]-() } AS n ORDER BY n DESC LIMIT 1", database_=db
+    ).records[0]
+    print(f"{len(mid)} candidate random source features with 20..2000 activations; the top hub {hub['key']} has "
+          f"{hub['n']:,} activations")  # fmt: skip
+    rng = np.random.default_rng(args.seed + 1)
+    dallas = feature_key(TRANSCODER, *DALLAS)
+    capital_sets = [[" Austin"], [" Austin", " Sacramento"], list(CAPITALS.values())[:3], list(CAPITALS.values())]
+
+    def planted_query() -> dict[str, Any]:
+        return {"sources": [dallas], "target_tokens": [" Austin", " Sacramento"], "max_hops": 3,
+                "min_abs_weight": 0.05, "limit": 25}  # fmt: skip
+
+    def varied(i: int) -> tuple[str, dict[str, Any]]:
+        kind = ["key", "label", "random", "random+planted"][i % 4]
+        if kind == "key":
+            sources = [dallas]
+        elif kind == "label":
+            sources = [["Dallas", "Texas"], ["Texas"], ["say a capital"]][i % 3]
+        elif kind == "random":
+            sources = [str(r["key"]) for r in rng.choice(mid, 3, replace=False)]
+        else:
+            sources = [dallas, str(mid[int(rng.integers(0, len(mid)))]["key"])]
+        return kind, {
+            "sources": sources,
+            "target_tokens": capital_sets[int(rng.integers(0, len(capital_sets)))],
+            "max_hops": int(rng.integers(2, 5)),
+            "min_abs_weight": float(rng.choice([0.02, 0.05, 0.1])),
+            "limit": int(rng.choice([10, 25, 50])),
+        }
+
+    def call(params: dict[str, Any]) -> tuple[float, Any]:
+        t0 = time.perf_counter()
+        try:
+            result = q.paths_to_logits(params["sources"], params["target_tokens"], max_hops=params["max_hops"],
+                                       min_abs_weight=params["min_abs_weight"], limit=params["limit"])  # fmt: skip
+        except QueryError as exc:
+            return 1000 * (time.perf_counter() - t0), exc
+        return 1000 * (time.perf_counter() - t0), result
+
+    for i in range(5):
+        call(varied(i)[1])
+    ms, top = call(planted_query())
+    assert not isinstance(top, QueryError), top
+    best = max(planted_scales, key=lambda pid: planted_scales[pid])
+    first = top.rows[0]
+    print(f"planted query ({ms:.0f} ms): {len(top.rows)} paths; first {first.prompt_id} hops {first.hops} strength "
+          f"{first.strength:.4f} via {[n.key for n in first.nodes]}; expected first {best} (largest planted scale "
+          f"{planted_scales[best]:.3f}; ranked first: {first.prompt_id == best})")  # fmt: skip
+
+    times: dict[str, list[float]] = {}
+    failures = 0
+    print(f"timing {args.reps} path queries: {load_average()}")
+    for i in range(args.reps):
+        kind, params = varied(i)
+        ms, result = call(params)
+        if isinstance(result, QueryError):
+            failures += 1
+            print(f"  query {i} ({kind}) failed after {ms:.0f} ms: {result}")
+        times.setdefault(kind, []).append(ms)
+        times.setdefault("all", []).append(ms)
+    print(f"paths_to_logits over {counts.edges:,} edges: {summary(times['all'])} (goal p95 < 500 ms; "
+          f"{failures} errors/timeouts)")  # fmt: skip
+    for kind in ("key", "label", "random", "random+planted"):
+        if kind in times:
+            print(f"  sources by {kind}: {summary(times[kind])}")
+    ms_hub, hub_result = call({"sources": [str(hub["key"])], "target_tokens": [" Austin"], "max_hops": 3,
+                               "min_abs_weight": 0.05, "limit": 25})  # fmt: skip
+    outcome = f"error: {hub_result}" if isinstance(hub_result, QueryError) else f"{len(hub_result.rows)} paths"
+    print(f"  from the top hub feature ({hub['n']:,} activations), 3 hops, |w| >= 0.05: {ms_hub:.0f} ms ({outcome})")
+    print(f"after the path queries: {load_average()}")
+
+    others: dict[str, Callable[[], Any]] = {
+        "top_features_for_logit(' Austin')": lambda: q.top_features_for_logit(" Austin"),
+        "neighbourhood(Texas, down, aggregated)": lambda: q.neighbourhood(feature_key(TRANSCODER, *TEXAS), "down"),
+        "neighbourhood(random, up, aggregated)": lambda: q.neighbourhood(str(mid[0]["key"]), "up"),
+        "prompts_where_feature_matters(Dallas)": lambda: q.prompts_where_feature_matters(dallas),
+        "prompt_graph(one prompt)": lambda: q.prompt_graph("bench-q-0"),
+        "shared_subgraph(5 planted prompts, k=3)": lambda: q.shared_subgraph(list(planted_scales)[:5], 3),
+        "overview()": q.overview,
+    }
+    for name, fn in others.items():
+        values = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            values.append(1000 * (time.perf_counter() - t0))
+        print(f"  {name}: median {statistics.median(values):.0f} ms, max {max(values):.0f} ms over 5")
+
+
+if __name__ == "__main__":
+    main()
