@@ -116,9 +116,12 @@ def test_server_killed_mid_write_loop_retries_and_loses_or_duplicates_nothing(
         writer = GraphWriter(driver, db, batch_size=8, after_batch=hook)
         writer.ensure_schema()
         downtime: list[float] = []
-        restarter = threading.Thread(
-            target=lambda: (fault.wait(120), downtime.append(kill_and_restart(local_neo4j_server, port, hard=True)))
-        )
+
+        def restart_on_fault() -> None:
+            if fault.wait(120):
+                downtime.append(kill_and_restart(local_neo4j_server, port, hard=True))
+
+        restarter = threading.Thread(target=restart_on_fault)
         restarter.start()
         try:
             for g in graphs:
