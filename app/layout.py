@@ -1,10 +1,11 @@
 """Drawing attribution graphs: node/edge records, a layered layout, filters, and the Plotly figure.
 
-Layout: x is the token position; y is the layer band: input tokens at the bottom (row 0), features and errors of
-layer l on row l + 1, logit targets on top (row n_layers + 1). Nodes sharing a (row, position) cell are spread
-horizontally inside the cell, strongest first (by influence), so nothing overlaps. Edges are drawn as line segments
-grouped into a few width buckets per sign (Plotly draws one width and colour per trace): blue for positive
-weights, red for negative, wider for larger |weight|.
+Layout: y is the layer band: input tokens at the bottom (row 0), features and errors of layer l on row l + 1, logit
+targets on top (row n_layers + 1). x follows the token position: each position gets a column span as wide as its
+most crowded row (one unit per node, a gap between positions), and the nodes of a (row, position) cell are spread
+evenly across that span, most influential first, so nothing overlaps even when most features sit at the last token.
+Edges are drawn as line segments grouped into a few width buckets per sign (Plotly draws one width and colour per
+trace): blue for positive weights, red for negative, wider for larger |weight|.
 
 Everything here is pure (no Streamlit, no database); `figure()` only builds a `plotly.graph_objects.Figure`, which
 renders offline (plotly.js ships inside Streamlit's frontend; nothing is fetched from a CDN).
@@ -21,7 +22,8 @@ import plotly.graph_objects as go
 
 KIND_COLOURS = {"token": "#6b7280", "feature": "#059669", "error": "#a855f7", "logit": "#d97706"}
 POSITIVE, NEGATIVE = "#2563eb", "#dc2626"
-CELL_WIDTH = 0.8  # share of a position's unit width used to spread nodes of one cell
+NODE_WIDTH = 1.0  # x units per node in a crowded cell
+POSITION_GAP = 0.6  # x units between the spans of neighbouring positions
 WIDTH_BUCKETS = (0.75, 1.5, 3.0, 5.0)
 
 
@@ -71,19 +73,38 @@ def row_of(node: GraphNode, n_layers: int) -> int:
     return int(node.layer if node.layer is not None else 0) + 1
 
 
-def layered_layout(nodes: Sequence[GraphNode], n_layers: int | None = None) -> dict[int, tuple[float, float]]:
-    """Positions `{node_index: (x, y)}`: x = token position (spread within the cell), y = layer row."""
+def position_spans(nodes: Sequence[GraphNode], n_layers: int | None = None) -> dict[int, tuple[float, float]]:
+    """`{position: (start, width)}` of each position's column, for every position from 0 to the largest present."""
     L = n_layers_of(nodes) if n_layers is None else n_layers
+    counts: dict[tuple[int, int], int] = defaultdict(int)
+    for node in nodes:
+        counts[(row_of(node, L), node.position)] += 1
+    widest: dict[int, int] = defaultdict(lambda: 1)
+    for (_, position), count in counts.items():
+        widest[position] = max(widest[position], count)
+    spans: dict[int, tuple[float, float]] = {}
+    start = 0.0
+    for position in range(max((n.position for n in nodes), default=-1) + 1):
+        width = widest[position] * NODE_WIDTH
+        spans[position] = (start, width)
+        start += width + POSITION_GAP
+    return spans
+
+
+def layered_layout(nodes: Sequence[GraphNode], n_layers: int | None = None) -> dict[int, tuple[float, float]]:
+    """Positions `{node_index: (x, y)}`: y = layer row; x inside the node's position span (see the module doc)."""
+    L = n_layers_of(nodes) if n_layers is None else n_layers
+    spans = position_spans(nodes, L)
     cells: dict[tuple[int, int], list[GraphNode]] = defaultdict(list)
     for node in nodes:
         cells[(row_of(node, L), node.position)].append(node)
     out: dict[int, tuple[float, float]] = {}
     for (row, position), members in cells.items():
         members.sort(key=lambda n: (n.influence if n.influence is not None else math.inf, n.index))
-        k = len(members)
+        start, width = spans[position]
+        step = width / len(members)
         for j, node in enumerate(members):
-            offset = 0.0 if k == 1 else (j / (k - 1) - 0.5) * CELL_WIDTH
-            out[node.index] = (position + offset, float(row))
+            out[node.index] = (start + (j + 0.5) * step, float(row))
     return out
 
 
@@ -139,6 +160,7 @@ def figure(
     """
     L = n_layers_of(nodes)
     pos = layered_layout(nodes, L)
+    spans = position_spans(nodes, L)
     fig = go.Figure()
     max_abs = max((abs(e.weight) for e in edges), default=0.0)
     groups: dict[tuple[bool, int], list[GraphEdge]] = defaultdict(list)
@@ -173,7 +195,7 @@ def figure(
             go.Scatter(
                 x=[pos[n.index][0] for n in members_n],
                 y=[pos[n.index][1] for n in members_n],
-                mode="markers+text" if kind in ("token", "logit") else "markers",
+                mode="markers+text" if kind == "logit" or (kind == "token" and not tokens) else "markers",
                 text=[n.caption for n in members_n],
                 textposition="bottom center" if kind == "token" else "top center",
                 customdata=[n.index for n in members_n],
@@ -204,10 +226,14 @@ def figure(
             "gridcolor": "#f3f4f6",
             "zeroline": False,
         },
-        xaxis={"title": "token position", "gridcolor": "#f3f4f6", "zeroline": False},
+        xaxis={"title": "input tokens", "gridcolor": "#f3f4f6", "zeroline": False, "showgrid": False},
     )
+    centres = [spans[p][0] + spans[p][1] / 2 for p in sorted(spans)]
     if tokens:
-        fig.update_xaxes(tickvals=list(range(len(tokens))), ticktext=[f"{i}:{t!r}" for i, t in enumerate(tokens)])
+        labels = [repr(t)[1:-1] or "∅" for t in tokens[: len(centres)]]
+        fig.update_xaxes(tickvals=centres[: len(labels)], ticktext=labels, tickangle=0)
+    else:
+        fig.update_xaxes(tickvals=centres, ticktext=[str(p) for p in sorted(spans)], title="token position")
     return fig
 
 

@@ -100,4 +100,4 @@ def show_error(err: BaseException, what: str = "") -> None:
         message = f"Neo4j {(err.code or 'error').rsplit('.', 1)[-1]}: {err.message}"
     else:
         message = str(err) or type(err).__name__
-    st.error(f"{prefix}{message}", icon="⚠️")
+    st.error(f"{prefix}{message}", icon=":material/error:")

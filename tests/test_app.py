@@ -210,7 +210,7 @@ def app_env(atlas_store: AtlasFixture, monkeypatch: pytest.MonkeyPatch) -> Atlas
 
 
 def app_test(page: str | None = None) -> AppTest:
-    """The app, run once (navigation registered), then switched to `page` (e.g. "pages/features.py") and run."""
+    """The app, run once (navigation registered), then switched to `page` (e.g. "views/features.py") and run."""
     at = AppTest.from_file(str(APP), default_timeout=120).run()
     assert not at.exception, at.exception
     if page is not None:
@@ -259,7 +259,7 @@ def feature_density(app_env: AtlasFixture, layer: int, feature: int) -> tuple[fl
 def test_feature_search_and_dashboard(app_env: AtlasFixture) -> None:
     key = app_env.one_hop.source_key
     _, layer, feature = key.rsplit("/", 2)
-    at = app_test("pages/features.py")
+    at = app_test("views/features.py")
     assert at.info, "an empty search shows a hint"
     at.text_input(key="feature_search").input(key).run()
     assert not errors(at), errors(at)
@@ -288,7 +288,7 @@ def test_feature_search_and_dashboard(app_env: AtlasFixture) -> None:
 def test_prompt_graph_threshold_detail_and_pins(app_env: AtlasFixture) -> None:
     pid = app_env.one_hop.prompt_id
     pruned = app_env.graphs[pid]
-    at = app_test("pages/prompt_graph.py")
+    at = app_test("views/prompt_graph.py")
     at.selectbox(key="prompt_pick").select(pid).run()
     assert not errors(at), errors(at)
     n_nodes, n_edges = int(pruned.result.node_mask.sum()), int(pruned.result.edge_mask.sum())
@@ -321,7 +321,7 @@ def run_paths(at: AppTest, path: PlantedPath, hops: int) -> None:
 
 
 def test_path_query_returns_the_planted_paths(app_env: AtlasFixture) -> None:
-    at = app_test("pages/paths.py")
+    at = app_test("views/paths.py")
     run_paths(at, app_env.one_hop, hops=1)
     assert not errors(at), errors(at)
     table = frames(at, "rank", "path")[0]
@@ -347,7 +347,7 @@ def test_path_query_returns_the_planted_paths(app_env: AtlasFixture) -> None:
 def test_cypher_console_rejects_writes_and_returns_rows(app_env: AtlasFixture, neo4j_driver: Driver) -> None:
     count = "MATCH (n) RETURN count(n) AS n"
     before = neo4j_driver.execute_query(count).records[0]["n"]
-    at = app_test("pages/cypher.py")
+    at = app_test("views/cypher.py")
     for query, word in (
         ("CREATE (x:Hacked {name: 'x'}) RETURN x", "CREATE"),
         ("MATCH (p:Prompt) DETACH DELETE p", "DETACH"),
@@ -381,7 +381,7 @@ def test_intervention_changes_the_logits(app_env: AtlasFixture, tiny_gpt2: Loade
 
     pid = app_env.one_hop.prompt_id
     node_id = app_env.one_hop.node_ids[0]
-    at = app_test("pages/interventions.py")
+    at = app_test("views/interventions.py")
     at.selectbox(key="iv_prompt").select(pid).run()
     at.button(key="iv_run").click().run()
     assert "pick at least one feature to intervene on" in errors(at)

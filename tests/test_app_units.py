@@ -19,13 +19,13 @@ from app.interventions import (
     resolve_runtime,
 )
 from app.layout import (
-    CELL_WIDTH,
     GraphEdge,
     GraphNode,
     figure,
     filter_nodes,
     layered_layout,
     neighbours,
+    position_spans,
     selected_node,
     subgraph,
     width_bucket,
@@ -139,9 +139,15 @@ def test_layered_layout_puts_tokens_low_layers_up_and_logits_on_top() -> None:
     assert {pos[i][1] for i in (4, 5, 6)} == {0.0}
     assert pos[0][1] == pos[1][1] == 1.0 and pos[2][1] == pos[3][1] == 2.0
     assert pos[7][1] == 3.0  # two layers: logits on row L + 1
-    # two nodes in one cell are spread around the position, most influential (lowest) first, within the cell
-    assert pos[0][0] < pos[1][0] and abs(pos[0][0] - 1) <= CELL_WIDTH / 2 and abs(pos[1][0] - 1) <= CELL_WIDTH / 2
-    assert pos[3][0] < pos[2][0]  # influence 0.2 before 0.9
+    spans = position_spans(NODES)
+    assert [round(w, 6) for _, w in spans.values()] == [1.0, 2.0, 2.0]  # widest row per position: 1, 2, 2 nodes
+    starts = [start for start, _ in spans.values()]
+    assert all(a + w < b for (a, w), b in zip(list(spans.values())[:-1], starts[1:], strict=True))  # no overlap
+    for n in NODES:  # every node inside its position's span
+        start, width = spans[n.position]
+        assert start < pos[n.index][0] < start + width
+    # nodes of one cell spread across it, most influential (lowest cumulative influence) first
+    assert pos[0][0] < pos[1][0] and pos[3][0] < pos[2][0]
     assert len(set(pos.values())) == len(NODES)
 
 

@@ -67,6 +67,11 @@ if result is not None:
         st.warning("No path within the hop limit and weight threshold. Try more hops or a smaller min |weight|.")
     else:
         st.subheader("Ranked paths")
+        best = paths[0]
+        st.markdown(
+            f"Strongest: `{' → '.join(n.node_id for n in best.nodes)}` in prompt `{best.prompt_id}` "
+            f"(strength {best.strength:+.4g}, {best.hops} hop(s))"
+        )
         st.dataframe(pd.DataFrame(path_rows(paths)), hide_index=True, key="path_table")
         st.subheader("Per prompt")
         summary = per_prompt_summary(paths)
@@ -83,12 +88,12 @@ if result is not None:
             figure(list(nodes.values()), list(edge_map.values()), height=420),  # type: ignore[arg-type]
             key="path_drill_chart",
         )
-        st.page_link("pages/prompt_graph.py", label="open this prompt's full graph", query_params={"prompt": drill})
+        st.page_link("views/prompt_graph.py", label="open this prompt's full graph", query_params={"prompt": drill})
         on_path = list(dict.fromkeys(n.node_id for p in mine for n in p.nodes if n.kind == "feature"))
         if on_path and st.button("Send this prompt's path features to Interventions", key="paths_to_interventions"):
             st.session_state["iv_prompt_id"] = drill
             st.session_state["iv_preset"] = on_path
-            st.switch_page("pages/interventions.py")
+            st.switch_page("views/interventions.py")
         st.subheader("Merged view (all prompts)")
         merged_nodes, merged_edges = merged_path_graph(paths)
         st.plotly_chart(figure(merged_nodes, merged_edges, height=460), key="path_merged_chart")

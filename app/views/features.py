@@ -113,7 +113,7 @@ def partner_links(rows: list, title: str, direction: str) -> None:
     )  # fmt: skip
     for n in rows[:8]:
         if n.kind == "feature" and n.key:
-            st.page_link("pages/features.py", label=f"→ {n.key} ({n.weight:+.3g})", query_params={"feature": n.key})
+            st.page_link("views/features.py", label=f"→ {n.key} ({n.weight:+.3g})", query_params={"feature": n.key})
 
 
 up_col, down_col = st.columns(2)
@@ -142,6 +142,6 @@ if mattering:
         key="mattering",
     )  # fmt: skip
     for m in mattering[:5]:
-        st.page_link("pages/prompt_graph.py", label=f"graph of {m.text!r}", query_params={"prompt": m.prompt_id})
+        st.page_link("views/prompt_graph.py", label=f"graph of {m.text!r}", query_params={"prompt": m.prompt_id})
 else:
     st.caption("The feature is not active in any stored prompt graph.")

@@ -91,8 +91,8 @@ if picked is not None:
         st.json({"layer": node.layer, "position": node.position, "label": node.label, "value": node.value,
                  "influence": node.influence, "feature": node.feature_key})  # fmt: skip
         if node.feature_key:
-            st.page_link("pages/features.py", label="feature dashboard", query_params={"feature": node.feature_key})
-        st.button("📌 Pin this node", key="pin_node", on_click=pin, args=(picked,))
+            st.page_link("views/features.py", label="feature dashboard", query_params={"feature": node.feature_key})
+        st.button("Pin this node", key="pin_node", on_click=pin, args=(picked,))
     with right:
         incoming, outgoing = neighbours(edges, picked)
         rows = [{"direction": "in", "node": by_index[e.source].node_id, "label": by_index[e.source].caption,
@@ -113,6 +113,6 @@ if pinned:
     if features and st.button("Send pinned features to Interventions", key="pins_to_interventions"):
         st.session_state["iv_prompt_id"] = prompt_id
         st.session_state["iv_preset"] = [by_index[i].node_id for i in features]
-        st.switch_page("pages/interventions.py")
+        st.switch_page("views/interventions.py")
 else:
     st.caption("Pin nodes (button above, or pick them here) to draw the subgraph they form.")

@@ -50,10 +50,10 @@ if st.button("Run", type="primary", key="run_cypher"):
             )
     except CypherRejected as err:
         st.session_state.pop("cypher_result", None)
-        st.error(f"Rejected: {err}", icon="🚫")
+        st.error(f"Rejected: {err}", icon=":material/block:")
     except CypherError as err:
         st.session_state.pop("cypher_result", None)
-        st.error(f"Query failed: {err}", icon="⚠️")
+        st.error(f"Query failed: {err}", icon=":material/error:")
     except Exception as err:
         st.session_state.pop("cypher_result", None)
         show_error(err, "query failed")

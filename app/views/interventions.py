@@ -88,7 +88,7 @@ if st.button("Run intervention", type="primary", key="iv_run"):
             st.session_state["iv_result"] = run_intervention(bundle, tokens, edits, mode=mode, max_new_tokens=max_new)
     except InputError as err:
         st.session_state.pop("iv_result", None)
-        st.error(str(err), icon="✋")
+        st.error(str(err), icon=":material/pan_tool:")
     except Exception as err:
         st.session_state.pop("iv_result", None)
         show_error(err, "intervention failed")
@@ -113,7 +113,7 @@ if outcome is not None:
     st.dataframe(frame, hide_index=True, key="iv_table")
     a, b = st.columns(2)
     a.markdown("**Continuation without the intervention**")
-    a.code(outcome.clean_continuation or "∅", language=None)
+    a.code(outcome.clean_continuation or "∅", language=None, wrap_lines=True)
     b.markdown("**Continuation with the intervention**")
-    b.code(outcome.edited_continuation or "∅", language=None)
+    b.code(outcome.edited_continuation or "∅", language=None, wrap_lines=True)
     st.caption(f"ran in {outcome.seconds:.2f} s")
