@@ -28,6 +28,11 @@ system-deps:
 		if [ "$$(id -u)" = 0 ]; then apt-get install -y -q fortunes || (apt-get update -q && apt-get install -y -q fortunes); \
 		else sudo apt-get install -y -q fortunes || (sudo apt-get update -q && sudo apt-get install -y -q fortunes); fi; \
 	fi
+	@# Headless Chromium and its driver for the app's real-browser test (tests/test_app_browser.py).
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver); \
+		else sudo apt-get install -y -q chromium chromium-driver || (sudo apt-get update -q && sudo apt-get install -y -q chromium chromium-driver); fi; \
+	fi
 
 demo: setup
 	$(BIN)/atlas demo
