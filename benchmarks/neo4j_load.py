@@ -7,8 +7,10 @@ token node per position and 10 logit targets; `--edges` edges from features/erro
 heavy-tailed degrees (endpoint popularity drawn from a Pareto law) and heavy-tailed signed weights.
 
 `GraphWriter` writes `--prompts` prompts with one writer, then as many with two writer threads (one transaction per
-prompt), then re-ingests a quarter of the first set (replacing them). Before that, `--warmup` prompts are written
-twice, untimed: a fresh server's JIT needs about a million relationships before its rates settle. The naive writer
+prompt), both maintaining the aggregate layer (`atlas.storage.aggregate`, the writer's default), then half as many
+with aggregate maintenance off (its cost, same run), then re-ingests a quarter of the first set (replacing them).
+Before that, `--warmup` prompts are written twice, untimed: a fresh server's JIT needs about a million
+relationships before its rates settle. The naive writer
 sends one auto-commit statement per node and per edge, for `--naive-prompts` prompts (fewer: it is slow); rates are
 per relationship, so the two are comparable, and ours' prompts are deleted first, so both write into the same store
 state. `--big-edges` finally writes one large prompt in a single transaction, to show the size that
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -232,6 +235,7 @@ def neo4j_connection(heap: str, pagecache: str) -> Iterator[Neo4jConnection]:
 def cleanup(driver: Driver, database: str) -> None:
     """Delete everything the benchmark wrote (bench prompts and the benchmark's global nodes), in batches."""
     for query in (
+        "MATCH (f:Feature {transcoder: $tc})-[g:AGG_EDGE]->() CALL (g) { DELETE g } IN TRANSACTIONS OF 10000 ROWS",
         "MATCH (n:Instance) WHERE n.prompt_id STARTS WITH 'bench-' "
         "CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 5000 ROWS",
         "MATCH (p:Prompt) WHERE p.id STARTS WITH 'bench-' DETACH DELETE p",
@@ -295,6 +299,11 @@ def naive_rates(naive_writer: NaiveWriter, naive: list[tuple[dict[str, Any], pa.
     )
 
 
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} CPUs"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--prompts", type=int, default=200, help="prompts per timed GraphWriter run")
@@ -327,6 +336,7 @@ def main() -> None:
     warm = [synthetic_prompt(rng, f"bench-warm-{i}", **shape) for i in range(args.warmup)]
     ours = [synthetic_prompt(rng, f"bench-ours-{i}", **shape) for i in range(args.prompts)]
     ours2 = [synthetic_prompt(rng, f"bench-ours2-{i}", **shape) for i in range(args.prompts)]
+    plain = [synthetic_prompt(rng, f"bench-plain-{i}", **shape) for i in range(args.prompts // 2)]
     naive = [synthetic_prompt(rng, f"bench-naive-{i}", **shape) for i in range(args.naive_prompts)]
     nodes0, edges0 = ours[0][1], ours[0][2]
     out_degree = np.bincount(edges0.column("source").to_numpy(), minlength=nodes0.num_rows)
@@ -334,7 +344,8 @@ def main() -> None:
     shared = len(set().union(*(set(g[1].column("feature_key").drop_null().to_pylist()) for g in ours)))
     n_nodes, n_edges, _ = rel_counts(ours)
     print(
-        f"generated {len(warm) + len(ours) + len(ours2) + len(naive)} prompts in {time.perf_counter() - started:.1f} s;"
+        f"generated {len(warm) + len(ours) + len(ours2) + len(plain) + len(naive)} prompts in "
+        f"{time.perf_counter() - started:.1f} s;"
         f" per prompt {n_nodes / len(ours):.0f} nodes ({args.features} features, {args.errors} errors, "
         f"{args.positions} tokens, 10 logits; {args.layers} layers), {n_edges / len(ours):.0f} edges; "
         f"out-degree max {out_degree.max()} / p99 {np.percentile(out_degree, 99):.0f} / median "
@@ -351,8 +362,16 @@ def main() -> None:
             writer.write_prompts(warm)
             writer.write_prompts(warm, workers=2)  # again: warms the replace (delete) path and the threaded path
 
-            ours_rate = timed_write(writer, ours, 1, "GraphWriter, 1 writer (one transaction per prompt)")
-            timed_write(writer, ours2, 2, "GraphWriter, 2 writer threads")
+            print(f"timed phases start: {load_average()}")
+            ours_rate = timed_write(
+                writer, ours, 1, "GraphWriter, 1 writer (one transaction per prompt, aggregates on)"
+            )
+            timed_write(writer, ours2, 2, "GraphWriter, 2 writer threads (aggregates on)")
+            plain_rate = timed_write(
+                GraphWriter(driver, db, batch_size=args.batch_size, aggregates=False), plain, 1,
+                "GraphWriter, 1 writer, aggregate maintenance OFF (same store, for its cost)",
+            )  # fmt: skip
+            print(f"  aggregate maintenance costs {plain_rate / ours_rate:.2f}x in EDGE relationships/s")
             counts = writer.store_counts()
             print(f"  store: {counts}")
             timed_write(writer, ours[: max(1, len(ours) // 4)], 1, "re-ingest (replace) of existing prompts, 1 writer")
@@ -373,6 +392,7 @@ def main() -> None:
                     f"{result.seconds:.2f} s ({result.n_edges / result.seconds:,.0f} EDGE relationships/s)"
                 )
                 cleanup(driver, db)
+    print(f"end: {load_average()}")
 
 
 if __name__ == "__main__":
