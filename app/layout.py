@@ -230,7 +230,7 @@ def figure(
     )
     centres = [spans[p][0] + spans[p][1] / 2 for p in sorted(spans)]
     if tokens:
-        labels = [repr(t)[1:-1] or "∅" for t in tokens[: len(centres)]]
+        labels = [repr(t)[1:-1].replace(" ", "␣") or "∅" for t in tokens[: len(centres)]]
         fig.update_xaxes(tickvals=centres[: len(labels)], ticktext=labels, tickangle=0)
     else:
         fig.update_xaxes(tickvals=centres, ticktext=[str(p) for p in sorted(spans)], title="token position")

@@ -1,37 +1,39 @@
 """The Streamlit app under `streamlit.testing.v1.AppTest`, every page, against a real Neo4j and DuckDB store.
 
-The store is populated once per session with real attribution graphs of the tiny GPT-2 (a random, calibrated CLT
-saved to disk): attribute -> prune_graph -> GraphWriter (Neo4j) and FeatureStatsShard -> FeatureStatsStore (DuckDB),
-under a unique transcoder id, so other tests sharing the server do not see or disturb it. The oracles (a feature
-that exists, the strongest feature->logit edge and a 2-hop path of a prompt, the model's own clean logits) come from
-the in-memory graphs and model, never from the app.
+The store is populated once per session by the real ingest path (`ingest.pipeline.run_ingest`, in-process) with
+the tiny GPT-2 and a random, calibrated CLT saved to disk: a small JSONL corpus tagged with tasks goes in, prompt
+graphs land in Neo4j (with the aggregate layer) and feature statistics in DuckDB. The transcoder directory has a
+unique name, so its transcoder id and prompt ids are unique and other tests sharing the server do not see or disturb
+this content. The oracles come from outside the app: the ingest's own Parquet shards (a feature->logit edge and a
+feature->feature->logit chain of a prompt), activations recomputed with `build_context`, and the intervention
+library called directly.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 from neo4j import Driver
 from streamlit.testing.v1 import AppTest
 
 from atlas.attribution.context import build_context
-from atlas.attribution.engine import AttributionConfig, attribute
-from atlas.attribution.export import PrunedGraph, prompt_id, prune_graph
-from atlas.attribution.graph import feature_key
-from atlas.attribution.nodes import FeatureNode, LogitNode
-from atlas.attribution.targets import token_targets
 from atlas.models import LoadedModel
-from atlas.storage.feature_stats import FeatureStatsShard, FeatureStatsStore, logit_effect_table
 from atlas.storage.neo4j_server import Neo4jConnection
 from atlas.storage.neo4j_writer import GraphWriter
 from atlas.transcoders import TranscoderSpec, build_transcoder, save_transcoder
 from atlas.transcoders.base import EncoderStack
+from ingest.pipeline import IngestOptions, run_ingest
+from ingest.settings import AttributionSettings, transcoder_identity
 
 APP = Path(__file__).resolve().parent.parent / "app" / "main.py"
 PROMPTS = {
@@ -39,7 +41,7 @@ PROMPTS = {
     "ioi": ["When Mary and John went to the store, John gave it to"],
     "arithmetic": ["two plus three is"],
 }
-TARGETS = ["a", "e", "s"]
+TARGETS = ("a", "e", "s")
 
 
 @dataclass
@@ -52,16 +54,27 @@ class PlantedPath:
 
 
 @dataclass
+class StoredGraph:
+    """One prompt's pruned graph as the ingest wrote it to its Parquet shard."""
+
+    text: str
+    task: str
+    nodes: pa.Table  # NODE_SCHEMA rows of the kept nodes
+    edges: pa.Table  # EDGE_SCHEMA rows of the kept edges
+
+
+@dataclass
 class AtlasFixture:
     connection: Neo4jConnection
     stats_db: Path
     transcoder_dir: Path
     transcoder_id: str
     model_name: str
-    graphs: dict[str, PrunedGraph]  # prompt id -> pruned graph
-    texts: dict[str, str]  # prompt id -> text
+    run: str
+    graphs: dict[str, StoredGraph]  # prompt id -> graph
     activations: dict[str, torch.Tensor]  # prompt id -> (L, n_pos, F) clean feature activations
     token_strings: dict[str, list[str]]
+    tokens: dict[str, list[int]]
     one_hop: PlantedPath
     two_hop: PlantedPath | None
 
@@ -93,98 +106,78 @@ def calibrated_transcoder(model: LoadedModel, text: str) -> EncoderStack:
     return transcoder
 
 
-def _edges_of(pruned: PrunedGraph) -> list[tuple[int, int, float]]:
-    edges = pruned.graph.edges.select(pruned.result.edge_mask)
-    return list(zip(edges.source.tolist(), edges.target.tolist(), edges.weight.tolist(), strict=True))
+def plant_paths(pid: str, graph: StoredGraph) -> tuple[PlantedPath | None, PlantedPath | None]:
+    """The strongest stored feature->logit edge and feature->feature->logit chain of one prompt's shard tables."""
+    rows = {r["node_index"]: r for r in graph.nodes.to_pylist()}
+    edges = [(e["source"], e["target"], e["weight"]) for e in graph.edges.to_pylist()]
 
+    def kind(i: int) -> str:
+        return str(rows[i]["kind"])
 
-def plant_paths(pid: str, pruned: PrunedGraph, transcoder_id: str) -> tuple[PlantedPath | None, PlantedPath | None]:
-    """The strongest stored feature->logit edge and feature->feature->logit chain of a pruned graph."""
-    index = pruned.graph.index
-    L = index.n_layers
-    node_mask = pruned.result.node_mask
-    edges = [(s, t, w) for s, t, w in _edges_of(pruned) if node_mask[s] and node_mask[t]]
-    from atlas.attribution.nodes import frontend_id
-
-    def node(i: int) -> object:
-        return index.node_at(i)
-
-    def fid(i: int) -> str:
-        return frontend_id(index.node_at(i), L)  # type: ignore[arg-type]
-
-    one = [(s, t, w) for s, t, w in edges if isinstance(node(s), FeatureNode) and isinstance(node(t), LogitNode)]
+    one = [(s, t, w) for s, t, w in edges if kind(s) == "feature" and kind(t) == "logit"]
     one_hop = None
     if one:
         s, t, w = max(one, key=lambda e: abs(e[2]))
-        f, lg = node(s), node(t)
-        assert isinstance(f, FeatureNode) and isinstance(lg, LogitNode)
-        one_hop = PlantedPath(pid, feature_key(transcoder_id, f.layer, f.feature), lg.label, [fid(s), fid(t)], [w])
-    ff = [(s, t, w) for s, t, w in edges if isinstance(node(s), FeatureNode) and isinstance(node(t), FeatureNode)]
-    two_hop = None
-    best = 0.0
-    for s, m, w1 in ff:
+        one_hop = PlantedPath(pid, rows[s]["feature_key"], rows[t]["token"], [rows[s]["node_id"], rows[t]["node_id"]],
+                              [w])  # fmt: skip
+    two_hop, best = None, 0.0
+    for s, m, w1 in edges:
+        if kind(s) != "feature" or kind(m) != "feature":
+            continue
         for s2, t, w2 in one:
             if s2 == m and abs(w1 * w2) > best:
-                f, lg = node(s), node(t)
-                assert isinstance(f, FeatureNode) and isinstance(lg, LogitNode)
                 best = abs(w1 * w2)
-                two_hop = PlantedPath(
-                    pid, feature_key(transcoder_id, f.layer, f.feature), lg.label, [fid(s), fid(m), fid(t)], [w1, w2]
-                )
+                ids = [rows[s]["node_id"], rows[m]["node_id"], rows[t]["node_id"]]
+                two_hop = PlantedPath(pid, rows[s]["feature_key"], rows[t]["token"], ids, [w1, w2])
     return one_hop, two_hop
 
 
-def build_atlas(
-    tmp: Path, model: LoadedModel, connection: Neo4jConnection, driver: Driver
-) -> tuple[AtlasFixture, GraphWriter]:
-    """Attribute the prompts, write graphs to Neo4j and statistics to DuckDB; return what the tests check."""
+def build_atlas(tmp: Path, model: LoadedModel, connection: Neo4jConnection) -> AtlasFixture:
+    """Ingest the tagged corpus (in-process) into Neo4j and DuckDB; collect the oracles from its shards."""
     tag = uuid.uuid4().hex[:8]
-    transcoder_id = f"apptest-{tag}"
     all_texts = [text for texts in PROMPTS.values() for text in texts]
     transcoder = calibrated_transcoder(model, all_texts[0])
-    transcoder_dir = save_transcoder(transcoder, tmp / "transcoders", model_name=model.info.name)
-    writer = GraphWriter(driver, connection.database)
-    shard = FeatureStatsShard(transcoder_id, transcoder.spec.n_layers, transcoder.spec.n_features, top_k=8)
-    graphs: dict[str, PrunedGraph] = {}
-    texts: dict[str, str] = {}
-    activations: dict[str, torch.Tensor] = {}
-    token_strings: dict[str, list[str]] = {}
-    plants: list[tuple[PlantedPath | None, PlantedPath | None]] = []
-    for task, prompt_texts in PROMPTS.items():
-        for text in prompt_texts:
-            tokens = model.tokenize(text)[0]
-            ctx = build_context(model, transcoder, tokens)
-            targets = token_targets(TARGETS, model.model.W_U.detach(), model.tokenizer, len(tokens) - 1, ctx.logits[-1])
-            graph = attribute(
-                model, transcoder, text, targets=targets, config=AttributionConfig(), transcoder_id=transcoder_id
-            )
-            pruned = prune_graph(graph, node_threshold=0.9, edge_threshold=0.99)
-            pid = f"{prompt_id(graph)}-{tag}"
-            nodes, edges = graph.to_tables(pid, influence=pruned.result.cumulative_scores)
-            nodes = nodes.filter(pruned.result.node_mask.numpy())
-            edges = edges.filter(pruned.result.edge_mask.numpy())
-            meta = {
-                "id": pid, "text": text, "tokens": graph.tokens, "model": model.info.name,
-                "transcoder": transcoder_id, "run": f"apptest-run-{tag}", "task": task,
-                "replacement_score": pruned.scores_pruned.replacement,
-                "completeness_score": pruned.scores_pruned.completeness,
-            }  # fmt: skip
-            writer.write_prompt(meta, nodes, edges)
-            graphs[pid], texts[pid] = pruned, text
-            activations[pid], token_strings[pid] = ctx.activations.clone(), list(graph.token_strings)
-            plants.append(plant_paths(pid, pruned, transcoder_id))
-            shard.add(pid, graph.token_strings, ctx.activations)
-    store = FeatureStatsStore(tmp / "stats.duckdb", top_k=8)
-    effects = logit_effect_table(transcoder, model.model.W_U.detach(), model.tokenizer, transcoder_id, top=5)
-    store.ingest([shard.write(tmp / "shards")], logit_effects=effects)
+    transcoder_dir = save_transcoder(transcoder, tmp / f"apptest-{tag}", model_name=model.info.name)
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": t, "task": task}) + "\n" for task, texts in PROMPTS.items() for t in texts)
+    )
+    run = f"apptest-run-{tag}"
+    options = IngestOptions(
+        corpus=corpus, transcoders=transcoder_dir, model=model.info.name, workers=0, run=run,
+        settings=AttributionSettings(targets=TARGETS, node_threshold=0.9, edge_threshold=0.99),
+        stats_db=tmp / "stats.duckdb", runs_root=tmp / "runs", progress=False,
+    )  # fmt: skip
+    report = run_ingest(options, connection=connection)
+    assert report.computed == len(all_texts) and not report.prompt_failures, report.failures
+    graphs: dict[str, StoredGraph] = {}
+    for shard in sorted(Path(report.run_dir).glob("shards/*/")):
+        if not (shard / "prompts.parquet").exists():
+            continue
+        nodes, edges = pq.read_table(shard / "nodes.parquet"), pq.read_table(shard / "edges.parquet")
+        for row in pq.read_table(shard / "prompts.parquet").to_pylist():
+            pid, meta = row["prompt_id"], json.loads(row["meta"])
+            graphs[pid] = StoredGraph(
+                meta["text"], meta["task"],
+                nodes.filter(pc.equal(nodes["prompt_id"], pid)),
+                edges.filter(pc.equal(edges["prompt_id"], pid)),
+            )  # fmt: skip
+    assert len(graphs) == len(all_texts)
+    activations, token_strings, tokens = {}, {}, {}
+    for pid, graph in graphs.items():
+        ids = model.tokenize(graph.text)[0]
+        activations[pid] = build_context(model, transcoder, ids).activations
+        tokens[pid] = ids.tolist()
+        token_strings[pid] = [model.tokenizer.decode([i]) for i in tokens[pid]]
+    plants = [plant_paths(pid, graph) for pid, graph in graphs.items()]
     one_hops = [p for p, _ in plants if p is not None]
     two_hops = [p for _, p in plants if p is not None]
     assert one_hops, "no feature->logit edge survived pruning in any prompt; the fixture needs another seed"
-    fixture = AtlasFixture(
-        connection, store.path, transcoder_dir, transcoder_id, model.info.name, graphs, texts, activations,
-        token_strings, max(one_hops, key=lambda p: abs(p.weights[0])), two_hops[0] if two_hops else None,
+    return AtlasFixture(
+        connection, Path(report.stats_db), transcoder_dir, transcoder_identity(transcoder_dir), model.info.name, run,
+        graphs, activations, token_strings, tokens, max(one_hops, key=lambda p: abs(p.weights[0])),
+        max(two_hops, key=lambda p: abs(p.weights[0] * p.weights[1])) if two_hops else None,
     )  # fmt: skip
-    return fixture, writer
 
 
 @pytest.fixture(scope="session")
@@ -192,10 +185,11 @@ def atlas_store(
     tmp_path_factory: pytest.TempPathFactory, tiny_gpt2: LoadedModel, neo4j_connection: Neo4jConnection,
     neo4j_driver: Driver,
 ) -> Iterator[AtlasFixture]:  # fmt: skip
-    fixture, writer = build_atlas(tmp_path_factory.mktemp("atlas-app"), tiny_gpt2, neo4j_connection, neo4j_driver)
+    fixture = build_atlas(tmp_path_factory.mktemp("atlas-app"), tiny_gpt2, neo4j_connection)
     try:
         yield fixture
     finally:
+        writer = GraphWriter(neo4j_driver, neo4j_connection.database)
         for pid in fixture.graphs:
             writer.delete_prompt(pid)
 
@@ -234,7 +228,7 @@ def test_overview_counts_prompts_and_plots_scores(app_env: AtlasFixture) -> None
     metrics = {m.label: m.value for m in at.metric}
     assert int(metrics["prompts"].replace(",", "")) >= len(app_env.graphs)
     runs = at.dataframe[1].value
-    mine = runs[runs["run"].astype(str).str.startswith("apptest-run-") & (runs["transcoder"] == app_env.transcoder_id)]
+    mine = runs[(runs["run"] == app_env.run) & (runs["transcoder"] == app_env.transcoder_id)]
     assert int(mine["prompts"].sum()) == len(app_env.graphs)
     tasks = at.dataframe[2].value
     assert set(PROMPTS) <= set(tasks["task"])
@@ -256,7 +250,18 @@ def feature_density(app_env: AtlasFixture, layer: int, feature: int) -> tuple[fl
     return active / total, best_token, best
 
 
-def test_feature_search_and_dashboard(app_env: AtlasFixture) -> None:
+def top_logit_token(app_env: AtlasFixture, model: LoadedModel, layer: int, feature: int) -> str:
+    """The token a feature's total decoder write raises most (demeaned unembedding), computed from the weights."""
+    from atlas.transcoders import load_transcoder
+
+    transcoder = load_transcoder(app_env.transcoder_dir)
+    W_U = model.model.W_U.detach().float()
+    with torch.no_grad():
+        write = transcoder.decoder_vectors(layer, torch.tensor([feature])).sum(1)[0].float()
+    return str(model.tokenizer.decode([int((write @ (W_U - W_U.mean(1, keepdim=True))).argmax())]))
+
+
+def test_feature_search_and_dashboard(app_env: AtlasFixture, tiny_gpt2: LoadedModel) -> None:
     key = app_env.one_hop.source_key
     _, layer, feature = key.rsplit("/", 2)
     at = app_test("views/features.py")
@@ -270,7 +275,9 @@ def test_feature_search_and_dashboard(app_env: AtlasFixture) -> None:
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["density (active tokens)"] == f"{density:.4%}"
     assert metrics["max activation"] == f"{top_value:.3g}"
-    assert frames(at, "token", "effect")[0].shape[0] == 5
+    positive = frames(at, "token", "effect")[0]
+    assert list(positive["effect"]) == sorted(positive["effect"], reverse=True)
+    assert positive["token"].iloc[0] == top_logit_token(app_env, tiny_gpt2, int(layer), int(feature))
     mattering = frames(at, "best influence")[0]
     assert app_env.one_hop.prompt_id in set(mattering["prompt"])
     # the planted logit edge, aggregated over prompts, is among the downstream partners (the upstream table only
@@ -287,11 +294,11 @@ def test_feature_search_and_dashboard(app_env: AtlasFixture) -> None:
 
 def test_prompt_graph_threshold_detail_and_pins(app_env: AtlasFixture) -> None:
     pid = app_env.one_hop.prompt_id
-    pruned = app_env.graphs[pid]
+    stored = app_env.graphs[pid]
     at = app_test("views/prompt_graph.py")
     at.selectbox(key="prompt_pick").select(pid).run()
     assert not errors(at), errors(at)
-    n_nodes, n_edges = int(pruned.result.node_mask.sum()), int(pruned.result.edge_mask.sum())
+    n_nodes, n_edges = stored.nodes.num_rows, stored.edges.num_rows
     assert at.caption[0].value.startswith(f"{n_nodes} nodes, {n_edges} edges")
     assert f"showing {n_nodes} of {n_nodes} nodes" in " ".join(c.value for c in at.caption)
     source_id = app_env.one_hop.node_ids[0]
@@ -308,8 +315,11 @@ def test_prompt_graph_threshold_detail_and_pins(app_env: AtlasFixture) -> None:
     at.slider(key="node_threshold").set_value(0.3).run()
     shown = next(c.value for c in at.caption if c.value.startswith("showing"))
     kept = int(shown.split()[1])
-    influence = pruned.result.cumulative_scores[pruned.result.node_mask]
-    assert kept < n_nodes or bool((influence <= 0.3).all())
+    rows = stored.nodes.to_pylist()
+    expected = sum(
+        1 for r in rows if r["kind"] in ("token", "logit") or r["influence"] is None or r["influence"] <= 0.3
+    )
+    assert kept == expected < n_nodes
 
 
 def run_paths(at: AppTest, path: PlantedPath, hops: int) -> None:
@@ -394,7 +404,7 @@ def test_intervention_changes_the_logits(app_env: AtlasFixture, tiny_gpt2: Loade
     outcome = at.session_state["iv_result"]
     layer, feature, position = (int(x) for x in node_id.split("_"))
     transcoder = load_transcoder(app_env.transcoder_dir)
-    tokens = torch.tensor(app_env.graphs[pid].graph.tokens)
+    tokens = torch.tensor(app_env.tokens[pid])
     ctx = build_context(tiny_gpt2, transcoder, tokens)
     edited = intervene(ctx, [FeatureIntervention(layer, feature, position, "ablate")], mode="constrained")
     delta = (edited.logits[-1].softmax(-1) - ctx.logits[-1].softmax(-1)).abs().max()
