@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -29,13 +31,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 from neo4j import GraphDatabase
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA, feature_key
-from atlas.storage.neo4j_server import LocalNeo4jServer
+from atlas.storage.aggregate import rebuild_aggregates
+from atlas.storage.graph_schema import SCHEMA_VERSION, ensure_schema
+from atlas.storage.neo4j_server import NEO4J_ADMIN_MAIN_CLASS, LocalNeo4jServer, find_java
 from atlas.storage.neo4j_writer import GraphWriter
 from atlas.storage.queries import AtlasQueries, QueryError
-from benchmarks.neo4j_load import TRANSCODER, VOCAB, synthetic_prompt
+from benchmarks.neo4j_load import MODEL, TRANSCODER, VOCAB, synthetic_prompt
 
 Graph = tuple[dict[str, Any], pa.Table, pa.Table]
 
@@ -122,7 +128,8 @@ def prompts(args: argparse.Namespace) -> Iterator[tuple[Graph, float | None]]:
         graph = synthetic_prompt(rng, f"bench-q-{i}", **shape)
         if rng.random() < args.planted:
             scale = float(rng.uniform(0.5, 1.5))
-            yield plant(rng, graph, scale, capital_ids[0] if rng.random() < 0.7 else capital_ids[1]), scale
+            capital = capital_ids[int(rng.choice(len(capital_ids), p=[0.55, 0.15, 0.15, 0.15]))]
+            yield plant(rng, graph, scale, capital), scale
         else:
             yield ({**graph[0], "task": "other"}, graph[1], graph[2]), None
 
@@ -136,6 +143,113 @@ def summary(values: list[float]) -> str:
             f"max {max(values):.1f} ms")  # fmt: skip
 
 
+def write_import_csvs(graphs: list[Graph], out: Path) -> list[str]:
+    """The graphs as `neo4j-admin database import` CSVs in the model of `graph_schema` (what `GraphWriter` writes,
+    less timestamps); returns the import tool's --nodes/--relationships arguments."""
+    out.mkdir(parents=True, exist_ok=True)
+    nodes = pa.concat_tables([g[1] for g in graphs])
+    edges = pa.concat_tables([g[2] for g in graphs])
+
+    def iid(pid: pa.ChunkedArray, index: pa.ChunkedArray) -> pa.ChunkedArray:
+        return pc.binary_join_element_wise(pid, pc.cast(index, pa.string()), ":")
+
+    def f64(column: pa.ChunkedArray) -> pa.ChunkedArray:
+        return pc.cast(column, pa.float64())
+
+    nodes = nodes.append_column("iid", iid(nodes.column("prompt_id"), nodes.column("node_index")))
+    kind = nodes.column("kind")
+    files: dict[str, pa.Table] = {}
+
+    def instance(sel: pa.Table, extra: dict[str, pa.ChunkedArray]) -> pa.Table:
+        cols = {
+            ":ID(Inst)": sel.column("iid"),
+            "prompt_id": sel.column("prompt_id"),
+            "node_index:int": sel.column("node_index"),
+            "node_id": sel.column("node_id"),
+            "position:int": sel.column("position"),
+            "influence:double": f64(sel.column("influence")),
+            **extra,
+        }
+        return pa.table(cols)  # fmt: skip
+
+    feats = nodes.filter(pc.equal(kind, "feature"))
+    files["FeatureActivation"] = instance(feats, {"layer:int": feats.column("layer"),
+                                                  "activation:double": f64(feats.column("activation"))})  # fmt: skip
+    errs = nodes.filter(pc.equal(kind, "error"))
+    files["ErrorNode"] = instance(
+        errs, {"layer:int": errs.column("layer"), "norm:double": f64(errs.column("activation"))}
+    )
+    toks = nodes.filter(pc.equal(kind, "token"))
+    files["InputToken"] = instance(toks, {"token_id:int": toks.column("token_id")})
+    logs = nodes.filter(pc.equal(kind, "logit"))
+    files["LogitTarget"] = instance(logs, {"token_id:int": logs.column("token_id"), "label": logs.column("token"),
+                                           "probability:double": f64(logs.column("probability")),
+                                           "logit:double": f64(logs.column("activation"))})  # fmt: skip
+    features = pa.table({"key:ID(Feature)": feats.column("feature_key"), "layer:int": feats.column("layer"),
+                         "index:int": feats.column("feature")}).group_by(["key:ID(Feature)", "layer:int",
+                                                                          "index:int"]).aggregate([])  # fmt: skip
+    features = features.append_column("transcoder", pa.array([TRANSCODER] * features.num_rows))
+    linked = pa.concat_tables([toks.select(["token_id", "token", "iid"]), logs.select(["token_id", "token", "iid"])])
+    token_keys = pc.binary_join_element_wise(pa.scalar(MODEL), pc.cast(linked.column("token_id"), pa.string()), "/")
+    tokens = pa.table(
+        {"key:ID(Token)": token_keys, "id:int": linked.column("token_id"), "text": linked.column("token")}
+    )
+    tokens = (
+        tokens.group_by(["key:ID(Token)", "id:int"])
+        .aggregate([("text", "min")])
+        .rename_columns(["key:ID(Token)", "id:int", "text"])
+    )
+    tokens = tokens.append_column("model", pa.array([MODEL] * tokens.num_rows))
+    prompts = pa.table({
+        "id:ID(Prompt)": [g[0]["id"] for g in graphs], "text": [g[0]["text"] for g in graphs],
+        "model": [MODEL] * len(graphs), "transcoder": [TRANSCODER] * len(graphs), "run": ["bench"] * len(graphs),
+        "task": [g[0]["task"] for g in graphs], "n_nodes:int": [g[1].num_rows for g in graphs],
+        "n_edges:int": [g[2].num_rows for g in graphs], "schema_version:int": [SCHEMA_VERSION] * len(graphs),
+        "replacement_score:double": [g[0]["replacement_score"] for g in graphs],
+        "completeness_score:double": [g[0]["completeness_score"] for g in graphs],
+    })  # fmt: skip
+    rels = {
+        "EDGE": pa.table({":START_ID(Inst)": iid(edges.column("prompt_id"), edges.column("source")),
+                          ":END_ID(Inst)": iid(edges.column("prompt_id"), edges.column("target")),
+                          "weight:double": f64(edges.column("weight"))}),
+        "IN": pa.table({":START_ID(Inst)": nodes.column("iid"), ":END_ID(Prompt)": nodes.column("prompt_id")}),
+        "OF_feature": pa.table(
+            {":START_ID(Inst)": feats.column("iid"), ":END_ID(Feature)": feats.column("feature_key")}
+        ),
+        "OF_token": pa.table({":START_ID(Inst)": linked.column("iid"), ":END_ID(Token)": token_keys}),
+        "FOR": pa.table({":START_ID(Transcoder)": [TRANSCODER], ":END_ID(Model)": [MODEL]}),
+    }  # fmt: skip
+    args = []
+    for label, table in files.items():
+        pcsv.write_csv(table, out / f"{label}.csv")
+        args.append(f"--nodes=Instance:{label}={out / f'{label}.csv'}")
+    for label, table in (("Feature", features), ("Token", tokens), ("Prompt", prompts),
+                         ("Model", pa.table({"name:ID(Model)": [MODEL]})),
+                         ("Transcoder", pa.table({"id:ID(Transcoder)": [TRANSCODER], "model": [MODEL]}))):  # fmt: skip
+        pcsv.write_csv(table, out / f"{label}.csv")
+        args.append(f"--nodes={label}={out / f'{label}.csv'}")
+    for name, table in rels.items():
+        pcsv.write_csv(table, out / f"rel_{name}.csv")
+        args.append(f"--relationships={name.split('_')[0]}={out / f'rel_{name}.csv'}")
+    return args
+
+
+def bulk_import(server: LocalNeo4jServer, graphs: list[Graph], workdir: Path) -> float:
+    """Offline `neo4j-admin database import full` of the graphs into the (stopped) server's `neo4j` database."""
+    started = time.perf_counter()
+    args = write_import_csvs(graphs, workdir / "csv")
+    csv_s = time.perf_counter() - started
+    cmd = [str(find_java()), "-Xmx2g", "-cp", str(server.lib_dir / "*"), NEO4J_ADMIN_MAIN_CLASS, "database", "import",
+           "full", "neo4j", "--overwrite-destination=true", "--array-delimiter=;", *args]  # fmt: skip
+    env = {**os.environ, "NEO4J_HOME": str(server.instance_dir), "NEO4J_CONF": str(server.conf_dir)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"neo4j-admin import failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    shutil.rmtree(workdir / "csv")
+    print(f"  CSVs written in {csv_s:.0f} s, imported in {time.perf_counter() - started - csv_s:.0f} s")
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--prompts", type=int, default=2000)
@@ -146,12 +260,23 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--planted", type=float, default=0.1, help="fraction of prompts with the planted circuit")
     parser.add_argument("--reps", type=int, default=60, help="timed path queries")
-    parser.add_argument("--workers", type=int, default=1, help="writer threads for the load")
+    parser.add_argument(
+        "--loader",
+        choices=["import", "writer"],
+        default="import",
+        help="offline neo4j-admin import (fast) or GraphWriter with its aggregates (slow, shared box)",
+    )
+    parser.add_argument(
+        "--aggregates",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --loader import: rebuild the aggregate layer after the import (timed)",
+    )
     parser.add_argument("--heap", default="2g")
     parser.add_argument("--pagecache", default="2g")
     parser.add_argument("--timeout", type=float, default=10.0, help="server-side timeout of each query (s)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args()  # fmt: skip
     print(f"start: {load_average()}")
 
     with tempfile.TemporaryDirectory(prefix="atlas-query-bench-") as tmp:
@@ -162,39 +287,69 @@ def main() -> None:
             connection = server.start()
             print(f"dedicated Neo4j started in {time.perf_counter() - started:.1f} s (heap {args.heap}, page cache "
                   f"{args.pagecache}, data in {tmp})")  # fmt: skip
+            planted: dict[str, float] = {}
+            if args.loader == "import":
+                started = time.perf_counter()
+                graphs = []
+                for graph, scale in prompts(args):
+                    graphs.append(graph)
+                    if scale is not None:
+                        planted[graph[0]["id"]] = scale
+                print(f"generated {len(graphs)} prompts in {time.perf_counter() - started:.0f} s; {load_average()}")
+                server.stop()
+                seconds = bulk_import(server, graphs, Path(tmp))
+                del graphs
+                connection = server.start()
+                print(f"bulk import + restart: {seconds:.0f} s")
             with GraphDatabase.driver(connection.uri, auth=(connection.user, connection.password)) as driver:
-                run(driver, connection.database, args, Path(tmp))
+                if args.loader == "import":
+                    prepare_imported(driver, connection.database, args.aggregates)
+                else:
+                    planted = load_with_writer(driver, connection.database, args)
+                run(driver, connection.database, args, Path(tmp), planted)
         finally:
             server.stop()
     print(f"server stopped and its data directory deleted; end: {load_average()}")
 
 
-def run(driver: Any, db: str, args: argparse.Namespace, data_dir: Path) -> None:
+def prepare_imported(driver: Any, db: str, aggregates: bool) -> None:
+    started = time.perf_counter()
+    ensure_schema(driver, db)
+    print(f"constraints and indexes online in {time.perf_counter() - started:.0f} s")
+    if aggregates:
+        result = rebuild_aggregates(driver, db)
+        print(f"aggregate layer rebuilt: {result.relationships:,} AGG_EDGE in {result.seconds:.0f} s; {load_average()}")
+
+
+def load_with_writer(driver: Any, db: str, args: argparse.Namespace) -> dict[str, float]:
     writer = GraphWriter(driver, db)
     writer.ensure_schema()
     started = time.perf_counter()
-    n_edges = n_nodes = 0
-    planted_scales: dict[str, float] = {}
+    n_edges = 0
+    planted: dict[str, float] = {}
     batch: list[Graph] = []
     for graph, scale in prompts(args):
         if scale is not None:
-            planted_scales[graph[0]["id"]] = scale
+            planted[graph[0]["id"]] = scale
         batch.append(graph)
         if len(batch) == 50:
-            writer.write_prompts(batch, workers=args.workers)
-            n_nodes += sum(g[1].num_rows for g in batch)
+            writer.write_prompts(batch)
             n_edges += sum(g[2].num_rows for g in batch)
             batch = []
     if batch:
-        writer.write_prompts(batch, workers=args.workers)
-        n_nodes += sum(g[1].num_rows for g in batch)
+        writer.write_prompts(batch)
         n_edges += sum(g[2].num_rows for g in batch)
     seconds = time.perf_counter() - started
+    print(f"GraphWriter load: {n_edges / seconds:,.0f} edges/s incl. generation and aggregates; {load_average()}")
+    return planted
+
+
+def run(driver: Any, db: str, args: argparse.Namespace, data_dir: Path, planted_scales: dict[str, float]) -> None:
+    writer = GraphWriter(driver, db)
     counts = writer.store_counts()
     size = sum(f.stat().st_size for f in data_dir.rglob("*") if f.is_file())
-    print(f"loaded {counts.prompts} prompts, {counts.instance_nodes:,} instance nodes, {counts.edges:,} EDGE "
-          f"relationships in {seconds:.0f} s ({n_edges / seconds:,.0f} edges/s incl. generation and aggregates); "
-          f"{len(planted_scales)} planted prompts; store on disk {size / 2**30:.2f} GiB; {load_average()}")  # fmt: skip
+    print(f"store: {counts.prompts} prompts, {counts.instance_nodes:,} instance nodes, {counts.edges:,} EDGE "
+          f"relationships; {len(planted_scales)} planted prompts; on disk {size / 2**30:.2f} GiB")  # fmt: skip
     labels = {feature_key(TRANSCODER, *DALLAS): "Dallas", feature_key(TRANSCODER, *TEXAS): "Texas",
               feature_key(TRANSCODER, *CAPITAL): "say a capital"}  # fmt: skip
     writer.set_feature_labels(labels)
@@ -229,7 +384,7 @@ def run(driver: Any, db: str, args: argparse.Namespace, data_dir: Path) -> None:
         elif kind == "label":
             sources = [["Dallas", "Texas"], ["Texas"], ["say a capital"]][i % 3]
         elif kind == "random":
-            sources = [str(r["key"]) for r in rng.choice(mid, 3, replace=False)]
+            sources = [str(mid[int(j)]["key"]) for j in rng.choice(len(mid), 3, replace=False)]
         else:
             sources = [dallas, str(mid[int(rng.integers(0, len(mid)))]["key"])]
         return kind, {

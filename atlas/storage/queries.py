@@ -516,7 +516,10 @@ class AtlasQueries:
             return list(tx.run(cypher, dict(params)))  # text built from this module's literals and validated integers
 
         try:
-            with self.driver.session(database=self.database, default_access_mode=READ_ACCESS) as session:
+            # Notifications off: schema-less warnings (a label or type not created yet) are not errors here.
+            with self.driver.session(
+                database=self.database, default_access_mode=READ_ACCESS, notifications_min_severity="OFF"
+            ) as session:
                 return session.execute_read(work)
         except (ServiceUnavailable, SessionExpired) as exc:
             raise StoreUnavailableError(
