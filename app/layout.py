@@ -208,6 +208,7 @@ def figure(
                     "line": {"width": [3 if n.index in marked else 0.5 for n in members_n], "color": "#111827"},
                 },
                 name=kind,
+                unselected={"marker": {"opacity": 0.8}},  # a click selects a node; keep the others readable
             )
         )
     ticks = list(range(L + 2))

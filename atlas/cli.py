@@ -435,7 +435,8 @@ def app_command(
         _fail(RuntimeError("the `app` package is not installed with circuit-atlas"))
     script = Path(next(iter(spec.submodule_search_locations))) / "main.py"
     argv = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port), "--server.headless",
-            "true", "--browser.gatherUsageStats", "false", "--client.showErrorDetails", "none"]  # fmt: skip
+            "true", "--browser.gatherUsageStats", "false", "--client.showErrorDetails", "none",
+            "--client.toolbarMode", "minimal"]  # fmt: skip
     console.print(f"atlas app on http://localhost:{port}")
     os.execve(sys.executable, argv, env)
 
@@ -447,12 +448,14 @@ def demo(
     features: int = 64,
     prompts: Annotated[int, typer.Option(help="Demo-corpus prompts to ingest (spread over the tasks; 0: all).")] = 24,
     workers: Annotated[int | None, typer.Option(help="Dask workers for the ingest.")] = None,
+    max_feature_nodes: Annotated[int, typer.Option(help="Cap on feature nodes per demo graph.")] = 256,
 ) -> None:
     """Train (or reuse) a small CLT on the default model, ingest the demo corpus, print where to explore it."""
     from atlas.training.activations import StreamConfig
     from atlas.training.trainer import TRANSCODER_DIR, TrainConfig
     from ingest.demo_corpus import demo_subset
     from ingest.pipeline import IngestOptions
+    from ingest.settings import AttributionSettings
 
     transcoder_dir = out / TRANSCODER_DIR
     try:
@@ -473,7 +476,14 @@ def demo(
             console.print(f"transcoders saved in circuit-tracer format: {transcoder_dir}")
         corpus = demo_subset(out / "demo_corpus.jsonl", prompts)
         report = run_ingest_command(
-            IngestOptions(corpus=corpus, transcoders=transcoder_dir, model=DEFAULT_MODEL, workers=workers, run="demo")
+            IngestOptions(
+                corpus=corpus,
+                transcoders=transcoder_dir,
+                model=DEFAULT_MODEL,
+                workers=workers,
+                run="demo",
+                settings=AttributionSettings(max_feature_nodes=max_feature_nodes),
+            )
         )
     except _ingest_errors() as err:
         _fail(err)

@@ -190,6 +190,15 @@ def test_every_page_in_a_real_browser(app_url: str, browser: object, atlas_store
     assert f"showing {n_nodes} of {n_nodes} nodes" in page_text(d)
     points = d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .point")  # type: ignore[attr-defined]
     assert len(points) >= n_nodes
+    # click a logit node in the graph: the selection reruns the page and the node detail shows that node
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    logit_points = d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .trace:last-child .point")  # type: ignore[attr-defined]
+    assert logit_points
+    ActionChains(d).move_to_element(logit_points[0]).click().perform()
+    wait_text(d, "(logit)")
+    wait_idle(d)
+    no_errors(d)
     shot(d, "3-prompt-graph")
 
     # 4. Paths: the planted one-hop path
