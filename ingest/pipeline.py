@@ -39,7 +39,15 @@ from ingest.ledger import FAIL_INPUT, FAIL_PROMPT, FAIL_TASK, Ledger
 from ingest.loader import StoreLoader, retrying
 from ingest.prompts import prompt_key, read_corpus
 from ingest.settings import AttributionSettings, IngestIdentity, batch_key, transcoder_identity
-from ingest.worker import SUMMARY_FILE, BatchSpec, ModelPlugin, PromptItem, compute_batch, compute_logit_effects
+from ingest.worker import (
+    SUMMARY_FILE,
+    BatchSpec,
+    ModelPlugin,
+    PromptItem,
+    compute_batch,
+    compute_logit_effects,
+    setup_local,
+)
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "report.json"
@@ -56,7 +64,7 @@ class IngestOptions:
     transcoders: Path
     model: str
     settings: AttributionSettings = field(default_factory=AttributionSettings)
-    workers: int | None = None  # LocalCluster size (default: sized to the machine)
+    workers: int | None = None  # LocalCluster size (default: sized to the machine); 0: in this process, no Dask
     scheduler: str | None = None  # an existing Dask scheduler instead of a LocalCluster
     run: str | None = None  # run name (default: corpus name + identity hash)
     text_field: str = "text"
@@ -164,6 +172,45 @@ def _start_dask(options: IngestOptions) -> tuple[Any, Any, int]:
     return Client(cluster), cluster, n
 
 
+class _Done:
+    """A finished in-process 'future' (the subset of `distributed.Future` the pipeline uses)."""
+
+    def __init__(self, key: str, function: Callable[..., Any], *args: Any) -> None:
+        self.key = key
+        self._value: Any = None
+        self._error: BaseException | None = None
+        try:
+            self._value = function(*args)
+        except Exception as err:
+            self._error = err
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _InProcessClient:
+    """Runs tasks immediately in this process, one after the other (`workers=0`: debugging, benchmark baseline)."""
+
+    def register_plugin(self, plugin: ModelPlugin, name: str | None = None) -> None:
+        setup_local(plugin)
+
+    def submit(self, function: Callable[..., Any], *args: Any, key: str | None = None, **_: Any) -> _Done:
+        return _Done(key or function.__name__, function, *args)
+
+    def close(self) -> None:
+        pass
+
+
+def _as_completed(futures: list[Any]) -> Iterator[Any]:
+    if futures and isinstance(futures[0], _Done):
+        return iter(futures)
+    from distributed import as_completed
+
+    return iter(as_completed(futures))
+
+
 def _dashboard(client: Any) -> str | None:
     try:
         import bokeh  # noqa: F401  (the dashboard needs it)
@@ -263,16 +310,23 @@ def run_ingest(
                     todo.pop(pid, None)
 
         if todo:
+            in_process = options.workers == 0 and not options.scheduler
             with phase("cluster_start"):
-                client, cluster, n_workers = _start_dask(options)
+                if in_process:
+                    client, n_workers = _InProcessClient(), 1
+                else:
+                    client, cluster, n_workers = _start_dask(options)
                 report.workers = n_workers
-                report.dashboard = _dashboard(client)
+                report.dashboard = None if in_process else _dashboard(client)
+            where = "in this process (no Dask)" if in_process else f"on {n_workers} Dask worker(s)"
             console.print(
-                f"ingest [bold]{run}[/]: {len(todo)} prompts to attribute on {n_workers} Dask worker(s)"
+                f"ingest [bold]{run}[/]: {len(todo)} prompts to attribute {where}"
                 f" ({report.already_stored} already stored); run dir {run_dir}"
             )
-            console.print(f"Dask dashboard: {report.dashboard or 'unavailable (install bokeh>=3.1)'}")
-            threads = max(1, (os.cpu_count() or 1) // max(1, n_workers)) if cluster is not None else 1
+            if not in_process:
+                console.print(f"Dask dashboard: {report.dashboard or 'unavailable (install bokeh>=3.1)'}")
+            cores = os.cpu_count() or 1
+            threads = cores if in_process else max(1, cores // max(1, n_workers)) if cluster is not None else 1
             plugin = ModelPlugin(options.model, identity.transcoder_dir, transcoder_id, torch_threads=threads)
             with phase("worker_setup"):
                 client.register_plugin(plugin, name=plugin.name)
@@ -345,8 +399,6 @@ def _compute_and_load(
     phase: _Phases,
     on_shard: Callable[[dict[str, Any]], None] | None,
 ) -> None:
-    from distributed import as_completed
-
     pending = list(todo.values())
     size = options.batch_prompts or balanced_batch(len(pending), max(1, report.workers))
     specs: dict[str, BatchSpec] = {}
@@ -358,12 +410,14 @@ def _compute_and_load(
     compute_started = time.perf_counter()
     with phase("compute_and_load"), _progress(console, options.progress) as progress:
         task = progress.add_task(f"ingest {run}", total=len(pending), rate=0.0, edges=0, failures=0)
-        futures = [
-            client.submit(compute_batch, spec, key=key, retries=options.retries, pure=False, resources=resources)
-            for key, spec in specs.items()
-        ]
+        submit = [(key, spec) for key, spec in specs.items()]
+        if isinstance(client, _InProcessClient):  # compute lazily, so loading follows each batch
+            futures: Iterator[Any] = (client.submit(compute_batch, spec, key=key) for key, spec in submit)
+        else:
+            futures = _as_completed([client.submit(compute_batch, spec, key=key, retries=options.retries, pure=False,
+                                                   resources=resources) for key, spec in submit])  # fmt: skip
         finished = 0
-        for future in as_completed(futures):
+        for future in futures:
             spec = specs[str(future.key)]
             try:
                 summary = future.result()

@@ -91,8 +91,19 @@ class ModelPlugin(WorkerPlugin):
         self.model = self.transcoder = None
 
 
+# Plugins set up in this very process (`run_ingest(workers=0)`: no Dask), looked up before the Dask worker's.
+_LOCAL_PLUGINS: dict[str, ModelPlugin] = {}
+
+
+def setup_local(plugin: ModelPlugin) -> None:
+    """Load the plugin's model into this process, for tasks called directly (in-process mode)."""
+    if plugin.name not in _LOCAL_PLUGINS:
+        plugin.setup(None)
+        _LOCAL_PLUGINS[plugin.name] = plugin
+
+
 def _plugin(name: str) -> ModelPlugin:
-    plugin = get_worker().plugins.get(name)
+    plugin = _LOCAL_PLUGINS.get(name) or get_worker().plugins.get(name)
     if not isinstance(plugin, ModelPlugin) or plugin.model is None:
         raise RuntimeError(f"worker has no loaded model plugin {name!r} (register ModelPlugin first)")
     return plugin
