@@ -35,7 +35,10 @@ collection of abandoned stages. Its only advantage is bounded transaction memory
 Measured there (`benchmarks/neo4j_load.py`, fresh managed server, 1 GiB heap, after warm-up; prompts of 674 nodes
 and 4,000 edges): about 61k EDGE relationships/s (78k counting the IN and OF links), 54 ms per prompt, about 100x
 the one-statement-per-edge baseline; re-ingesting existing prompts (delete + write) about 30k/s. A cold server is
-slower (about 33k/s over the first million relationships, while its JIT compiles).
+slower (about 33k/s over the first million relationships, while its JIT compiles). Those figures predate the
+aggregate layer: maintaining it (`aggregates=True`, the default: one ordered sweep over the ~1,600 Feature pairs of
+such a prompt, inside its transaction) costs about as much again; see the README for current figures, and use
+`aggregates=False` + `aggregate.rebuild_aggregates` / `update_for_prompts` for first bulk loads.
 
 Transient failures (`ServiceUnavailable`, `SessionExpired`, `TransientError` such as deadlocks) make the driver's
 managed transaction (`Session.execute_write`) roll back and re-run the whole prompt with exponential back-off, up to

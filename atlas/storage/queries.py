@@ -330,8 +330,7 @@ WITH collect(DISTINCT l0.prompt_id) AS candidates
 MATCH (f:Feature) WHERE f.key IN $sources
 MATCH (f)<-[:OF]-(a:FeatureActivation)
 WHERE a.prompt_id IN candidates AND ($prompts IS NULL OR a.prompt_id IN $prompts)
-MATCH p = (a)(()-[r:EDGE WHERE abs(r.weight) >= $min_w]->()){HOPS}(l:LogitTarget)
-WHERE l.token_id IS NOT NULL
+MATCH p = (a)(()-[r:EDGE WHERE abs(r.weight) >= $min_w]->()){HOPS}(l:LogitTarget WHERE l.token_id IN $target_ids)
 MATCH (l)-[:OF]->(t:Token) WHERE t.key IN $targets
 WITH f, a, p, t, [e IN relationships(p) | e.weight] AS ws
 WITH f, a, p, t, ws, reduce(s = 1.0, w IN ws | s * w) AS strength,
@@ -648,7 +647,9 @@ class AtlasQueries:
         keys, notes = self.resolve_features(sources)
         targets = sorted({k for ks in self.resolve_tokens(target_tokens, model=model).values() for k in ks})
         cypher = _PATHS.replace("{HOPS}", "{1," + str(hops) + "}")
-        params = {"sources": keys, "targets": targets, "min_w": min_w, "limit": limit, "prompts": prompts}
+        target_ids = sorted({int(k.rsplit("/", 1)[1]) for k in targets})  # keys are "model/id" (token_key)
+        params = {"sources": keys, "targets": targets, "target_ids": target_ids, "min_w": min_w, "limit": limit,
+                  "prompts": prompts}  # fmt: skip
         rows = [
             LogitPath(r["prompt_id"], r["source"], r["target"], float(r["strength"]), float(r["bottleneck"]),
                       len(r["ws"]), tuple(_path_node(s) for s in r["steps"]), tuple(float(w) for w in r["ws"]))
