@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from neo4j import Driver, GraphDatabase
+from neo4j.exceptions import TransientError
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA, feature_key
 from atlas.storage.graph_schema import ensure_schema, token_key
@@ -386,12 +387,19 @@ def main() -> None:
                 big_shape = dict(shape, n_features=max(args.features, args.big_edges // 10), n_edges=args.big_edges)
                 big_shape["n_errors"] = min(args.layers * args.positions, big_shape["n_features"])
                 big = synthetic_prompt(rng, "bench-big", **big_shape)
-                result = writer.write_prompt(*big)
-                print(
-                    f"one large prompt in one transaction: {result.n_nodes} nodes, {result.n_edges} edges in "
-                    f"{result.seconds:.2f} s ({result.n_edges / result.seconds:,.0f} EDGE relationships/s)"
-                )
-                cleanup(driver, db)
+                for aggregates in (True, False):
+                    big_writer = GraphWriter(driver, db, batch_size=args.batch_size, aggregates=aggregates)
+                    try:
+                        result = big_writer.write_prompt(*big)
+                    except TransientError as exc:  # e.g. the transaction memory pool is too small for it
+                        print(f"one large prompt, aggregates {'on' if aggregates else 'off'}: FAILED ({exc.message})")
+                        continue
+                    print(
+                        f"one large prompt in one transaction, aggregates {'on' if aggregates else 'off'}: "
+                        f"{result.n_nodes} nodes, {result.n_edges} edges in {result.seconds:.2f} s "
+                        f"({result.n_edges / result.seconds:,.0f} EDGE relationships/s)"
+                    )
+                    cleanup(driver, db)
     print(f"end: {load_average()}")
 
 
