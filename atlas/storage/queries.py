@@ -354,13 +354,19 @@ _TOP_FOR_LOGIT: LiteralString = """
 MATCH (t:Token) WHERE t.key IN $targets
 MATCH (f:Feature)-[g:AGG_EDGE]->(t)
 WHERE g.n_prompts >= $min_prompts
-WITH f, t, g ORDER BY g.sum_abs_weight DESC, f.key LIMIT $limit
-CALL (f, t) {
-  MATCH (f)<-[:OF]-(a:FeatureActivation)-[e:EDGE]->(l:LogitTarget)-[:OF]->(t)
-  WITH a, e ORDER BY abs(e.weight) DESC LIMIT $evidence
-  RETURN collect({prompt_id: a.prompt_id, position: a.position, activation: a.activation, weight: e.weight}) AS ev
-}
-RETURN f.key AS key, f.layer AS layer, f.index AS index, f.label AS label, t.key AS target, properties(g) AS g, ev
+RETURN f.key AS key, f.layer AS layer, f.index AS index, f.label AS label, t.key AS target, properties(g) AS g
+ORDER BY g.sum_abs_weight DESC, key LIMIT $limit
+"""
+
+# Evidence for the top features, expanded from the logit side: a target token has few logit instances (one per
+# prompt that targets it), a popular feature thousands of activations, so this direction stays cheap.
+_LOGIT_EVIDENCE: LiteralString = """
+MATCH (t:Token) WHERE t.key IN $targets
+MATCH (t)<-[:OF]-(l:LogitTarget)<-[e:EDGE]-(a:FeatureActivation)
+MATCH (a)-[:OF]->(f:Feature) WHERE f.key IN $features
+WITH f, t, a, e ORDER BY abs(e.weight) DESC, a.prompt_id
+WITH f, t, collect({prompt_id: a.prompt_id, position: a.position, activation: a.activation, weight: e.weight}) AS ev
+RETURN f.key AS key, t.key AS target, ev[..$evidence] AS ev
 """
 
 _AGG_DOWN: LiteralString = """
@@ -673,18 +679,24 @@ class AtlasQueries:
         _check_int("evidence", evidence, 0, 1000)
         started = time.perf_counter()
         targets = sorted({k for ks in self.resolve_tokens([token], model=model).values() for k in ks})
-        params = {"targets": targets, "min_prompts": min_prompts, "limit": limit, "evidence": evidence}
+        params = {"targets": targets, "min_prompts": min_prompts, "limit": limit}
         rows = []
-        for r in self._read(_TOP_FOR_LOGIT, params):
+        top = self._read(_TOP_FOR_LOGIT, params)
+        evidence_by_pair: dict[tuple[str, str], list[Any]] = {}
+        if top and evidence:
+            ev_params = {"targets": targets, "features": sorted({r["key"] for r in top}), "evidence": evidence}
+            for r in self._read(_LOGIT_EVIDENCE, ev_params):
+                evidence_by_pair[(r["key"], r["target"])] = r["ev"]
+        for r in top:
             g = r["g"]
             ev = tuple(Evidence(e["prompt_id"], int(e["position"]), float(e["activation"]), float(e["weight"]))
-                       for e in r["ev"])  # fmt: skip
+                       for e in evidence_by_pair.get((r["key"], r["target"]), []))  # fmt: skip
             rows.append(
                 LogitDriver(r["key"], int(r["layer"]), int(r["index"]), r["label"], r["target"], int(g["n_prompts"]),
                             int(g["n_edges"]), float(g["sum_weight"]), float(g["sum_abs_weight"]),
                             float(g["mean_weight"]), float(g["max_abs_weight"]), ev)
             )  # fmt: skip
-        return self._result(rows, _TOP_FOR_LOGIT, params, started)
+        return self._result(rows, _TOP_FOR_LOGIT, params, started, ("evidence: " + _LOGIT_EVIDENCE.strip(),))
 
     def neighbourhood(
         self,
