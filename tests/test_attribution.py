@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from atlas.attribution.context import PromptContext, PromptError, build_context
-from atlas.attribution.engine import AttributionConfig, attribute
+from atlas.attribution.engine import AttributionConfig, Readout, SourceVectors, attribute
 from atlas.attribution.graph import AttributionGraph
 from atlas.attribution.interventions import FeatureIntervention, constrained_run, generate, intervene
 from atlas.attribution.nodes import ErrorNode, NodeKind, TokenNode
@@ -236,3 +236,51 @@ def test_generation_holds_an_open_ended_intervention(model: LoadedModel) -> None
     steered = generate(ctx, steer, max_new_tokens=6)
     assert steered.new_tokens != baseline.new_tokens
     assert len(steered.new_tokens) == 6
+
+
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_source_vectors_match_the_edge_definition(model: LoadedModel, kind: str) -> None:
+    """Batched readouts (cached, and rebuilt per pass) give Σ_l' grad[l', p]·a·W_dec[l → l'], errors, tokens."""
+    transcoder = random_transcoder(model, kind)
+    ctx = build_context(model, transcoder, model.tokenize(PROMPT)[0], zero_positions=())
+    active = ctx.active_features()
+    generator = torch.Generator().manual_seed(3)
+    batch, L, n_pos, d = 5, ctx.n_layers, ctx.n_pos, ctx.inputs.shape[-1]
+    mlp_grads: list[torch.Tensor | None] = [torch.randn(batch, n_pos, d, generator=generator) for _ in range(L)]
+    mlp_grads[-1] = None  # a layer the pass never reached
+    embed_grad = torch.randn(batch, n_pos, d, generator=generator)
+    expected = torch.zeros(batch, int(active.shape[0]) + L * n_pos + n_pos)
+    for i, (layer, position, feature) in enumerate(active.tolist()):
+        decoders = transcoder.decoder_vectors(layer, torch.tensor([feature])).detach()[0]
+        for offset, target in enumerate(transcoder.output_layers(layer)):
+            grad = mlp_grads[target]
+            if grad is not None:
+                expected[:, i] += ctx.activations[layer, position, feature] * (grad[:, position] @ decoders[offset])
+    start = int(active.shape[0])
+    for layer, grad in enumerate(mlp_grads):
+        if grad is not None:
+            expected[:, start + layer * n_pos : start + (layer + 1) * n_pos] = (grad * ctx.errors[layer]).sum(-1)
+    expected[:, start + L * n_pos :] = (embed_grad * ctx.embeddings).sum(-1)
+    cached = SourceVectors(ctx, active)
+    rebuilt = SourceVectors(ctx, active, cache_bytes=0)
+    assert cached.cached is not None and rebuilt.cached is None
+    for sources in (cached, rebuilt):
+        torch.testing.assert_close(sources.edge_rows(mlp_grads, embed_grad), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_readout_pads_uneven_positions_at_most_twofold() -> None:
+    """Positions with 0, 1, 3 and 9 sources: blocks of widths 1, 4 and 16, every source in exactly one slot."""
+    counts = [0, 1, 3, 9]
+    positions = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    vectors = torch.randn(int(positions.numel()), 6)
+    columns = torch.arange(int(positions.numel())) * 10
+    scratch = int(columns.max()) + 1
+    readout = Readout.build(positions, columns, vectors, n_pos=4, scratch=scratch)
+    assert sorted(int(block.vectors.shape[1]) for block in readout.blocks) == [1, 4, 16]
+    named = torch.cat([block.columns for block in readout.blocks])
+    assert sorted(named[named != scratch].tolist()) == columns.tolist()
+    assert readout.nbytes <= 2 * vectors.numel() * vectors.element_size()
+    grad = torch.randn(2, 4, 6)
+    out = torch.zeros(scratch + 1, 2)
+    readout.add_weights(out, grad)
+    torch.testing.assert_close(out[columns], (grad[:, positions] * vectors).sum(-1).T)

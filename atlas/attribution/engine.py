@@ -9,9 +9,12 @@ Algorithm (phases are timed in the log):
    or a target's direction at the final residual) and one batched `torch.autograd.grad` call (a vector-Jacobian
    product per target, `is_grads_batched`) returns gradients at every MLP output and at the embeddings; the forward
    is never replicated per target, unlike circuit-tracer's. Targets are grouped by layer, so a backward pass only
-   traverses the layers below its deepest target. Edge weights are dot products of those gradients with each
-   source's vector: activation × decoder row (summed over a CLT feature's output layers), error vector, token
-   embedding. Only nonzero weights are stored: the graph is never a dense `n_nodes²` matrix.
+   traverses the layers below its deepest target and asks for gradients only at the MLP outputs it can reach.
+   Edge weights are dot products of those gradients with each source's vector: activation × decoder row (summed
+   over a CLT feature's output layers), error vector, token embedding. They are computed per leaf as a few
+   batched matrix products (`Readout`: the vectors written at each position stacked as one matrix), never as one
+   product per (source layer, target layer) pair. Only nonzero weights are stored: the graph is never a dense
+   `n_nodes²` matrix.
 4. selection: logit rows first; then, with `max_feature_nodes`, features in order of their estimated influence on
    the targets (re-estimated every `update_interval` batches from the rows so far), until the cap.
    Features never visited are not dropped: their outgoing edges are folded into the error node at their (layer,
@@ -68,6 +71,9 @@ class _Injection:
     vector: torch.Tensor  # (d_model,)
 
 
+READOUT_CACHE_BYTES = 512 * 2**20  # readouts above this are rebuilt per backward pass instead of kept
+
+
 class _StopForward(Exception):
     """Raised by the last hook we need, so the forward pass skips the unembedding."""
 
@@ -115,7 +121,11 @@ class FrozenReplacementRun:
             raise RuntimeError(f"the forward pass never reached {FINAL_RESIDUAL_HOOK}")
 
     def gradients(self, injections: list[_Injection]) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-        """Gradients `(n_injections, n_pos, d)` at every MLP output and at the embeddings, one row per injection."""
+        """Gradients `(n_injections, n_pos, d)` at the MLP outputs and at the embeddings, one row per injection.
+
+        Only the MLP outputs below the deepest injected layer can influence the batch: the list holds None for
+        the others, which the backward pass never reaches (the logit targets reach every layer).
+        """
         if len(injections) > self.batch:
             raise ValueError(f"{len(injections)} injections for a batch of {self.batch}")
         rows = len(injections)
@@ -126,29 +136,106 @@ class FrozenReplacementRun:
                 assert source is not None
                 grads[injection.layer] = torch.zeros(rows, *source.shape, dtype=source.dtype)
             grads[injection.layer][row, 0, injection.position] = injection.vector.to(grads[injection.layer].dtype)
+        reach = reachable_layers([i.layer for i in injections], self.ctx.n_layers)
         outputs = [self.final if layer is None else self.inputs[layer] for layer in grads]
         result = torch.autograd.grad(
             outputs,  # type: ignore[arg-type]
-            [*self.mlp_leaves, self.embed_leaf],
+            [*self.mlp_leaves[:reach], self.embed_leaf],
             grad_outputs=list(grads.values()),
             retain_graph=True,
             allow_unused=True,
             is_grads_batched=True,
         )
         mlp_grads: list[torch.Tensor | None] = [None if g is None else g[:, 0] for g in result[:-1]]
+        mlp_grads += [None] * (self.ctx.n_layers - reach)
         embed = result[-1]
         embed_grad = embed[:, 0] if embed is not None else torch.zeros(rows, *self.embed_leaf.shape[1:])
         return mlp_grads, embed_grad
 
 
-class _SourceVectors:
-    """Everything needed to turn gradients into edge weights from every source (full active-feature layout)."""
+def reachable_layers(layers: list[int | None], n_layers: int) -> int:
+    """How many MLP outputs (layers `0..k-1`) targets read at `layers` (None: the final residual) depend on.
 
-    def __init__(self, ctx: PromptContext, active: torch.Tensor) -> None:
+    A feature of layer l reads the MLP input of layer l, upstream of MLP output l.
+    """
+    return max(n_layers if layer is None else layer for layer in layers)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Sources at `positions (n,)` stacked per position: `vectors (n, m, d)`, `columns (n·m,)` (see `Readout`)."""
+
+    positions: torch.Tensor
+    vectors: torch.Tensor
+    columns: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Readout:
+    """The source vectors written into one leaf `(n_pos, d)`, laid out for a few batched products per pass.
+
+    Sources at the same position share that position's gradient row, so a position's sources are stacked as the
+    columns of one matrix and `bmm` over positions gives every weight at once. Positions are grouped by their
+    number of sources (up to a power of two) and each group is zero-padded to its largest count, so padding at
+    most doubles the stored vectors however unevenly sources spread over positions. Each block's `columns` name
+    the source column of every (position, slot); padding slots name a scratch column that is dropped.
+    """
+
+    blocks: tuple[_Block, ...]
+
+    @staticmethod
+    def build(
+        positions: torch.Tensor, columns: torch.Tensor, vectors: torch.Tensor, n_pos: int, scratch: int
+    ) -> Readout:
+        """Stack `vectors (k, d)` written at `positions (k,)` by sources `columns (k,)`, padding with `scratch`."""
+        order = positions.argsort(stable=True)
+        positions, columns, vectors = positions[order], columns[order], vectors[order]
+        counts = torch.bincount(positions, minlength=n_pos)
+        slots = torch.arange(positions.numel()) - (counts.cumsum(0) - counts)[positions]
+        width = torch.where(counts > 0, 2 ** torch.log2(counts.clamp(min=1).double()).ceil().long(), 0)
+        blocks = []
+        for size in width.unique().tolist():
+            if size == 0:
+                continue
+            members = (width == size).nonzero().flatten()
+            rank = torch.full((n_pos,), -1, dtype=torch.long)
+            rank[members] = torch.arange(members.numel())
+            inside = rank[positions] >= 0
+            where, slot = rank[positions[inside]], slots[inside]
+            stacked = vectors.new_zeros(members.numel(), size, vectors.shape[-1])
+            stacked[where, slot] = vectors[inside]
+            names = torch.full((members.numel(), size), scratch, dtype=torch.long)
+            names[where, slot] = columns[inside]
+            blocks.append(_Block(members, stacked, names.flatten()))
+        return Readout(tuple(blocks))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(block.vectors.numel() * block.vectors.element_size() for block in self.blocks)
+
+    def add_weights(self, out: torch.Tensor, grad: torch.Tensor) -> None:
+        """`out (n_columns, batch)` += the direct effect of every source here, given `grad (batch, n_pos, d)`."""
+        for block in self.blocks:
+            picked = grad if block.positions.numel() == grad.shape[1] else grad.index_select(1, block.positions)
+            products = torch.bmm(picked.transpose(0, 1), block.vectors.transpose(1, 2))  # (n, batch, m)
+            out.index_add_(0, block.columns, products.transpose(1, 2).reshape(-1, grad.shape[0]))
+
+
+class SourceVectors:
+    """Turns gradients into edge weights from every source (full active-feature layout), one `Readout` per leaf.
+
+    The readout of MLP output l' holds every feature writing there (activation × decoder row: one output layer
+    for a PLT feature, every l' ≥ its layer for a CLT feature, so a CLT feature's weight sums over its readouts)
+    and the error vectors of layer l'; the embedding readout holds the token embeddings. Readouts are built once
+    when their padded size fits `cache_bytes`, otherwise rebuilt for every pass from the unpadded decoder rows.
+    """
+
+    def __init__(self, ctx: PromptContext, active: torch.Tensor, cache_bytes: int = READOUT_CACHE_BYTES) -> None:
         self.ctx = ctx
         self.n_active = int(active.shape[0])
-        self.by_layer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, range]] = []
+        self.writes: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in range(ctx.n_layers)]
         transcoder = ctx.transcoder
+        n_writes = ctx.n_layers * ctx.n_pos  # error vectors
         for layer in range(ctx.n_layers):
             rows = (active[:, 0] == layer).nonzero().flatten()
             if rows.numel() == 0:
@@ -156,34 +243,41 @@ class _SourceVectors:
             positions, features = active[rows, 1], active[rows, 2]
             values = ctx.activations[layer, positions, features]
             with torch.no_grad():
-                decoders = transcoder.decoder_vectors(layer, features).detach()  # (k, n_out, d)
-            self.by_layer.append((rows, positions, values, decoders, transcoder.output_layers(layer)))
+                decoders = transcoder.decoder_vectors(layer, features).detach() * values.view(-1, 1, 1)
+            for offset, target in enumerate(transcoder.output_layers(layer)):
+                self.writes[target].append((rows, positions, decoders[:, offset]))
+            n_writes += int(rows.numel()) * len(transcoder.output_layers(layer))
+        self.cached: dict[int, Readout] | None = None
+        if 2 * n_writes * ctx.inputs.shape[-1] * ctx.inputs.element_size() <= cache_bytes:  # padding at most doubles
+            self.cached = {layer: self.readout(layer) for layer in range(ctx.n_layers)}
+            self.writes = []  # the readouts hold every decoder row now
+        positions = torch.arange(ctx.n_pos)
+        token_columns = self.n_active + ctx.n_layers * ctx.n_pos + positions
+        self.tokens = Readout.build(positions, token_columns, ctx.embeddings, ctx.n_pos, self.n_sources)
 
     @property
     def n_sources(self) -> int:
         return self.n_active + self.ctx.n_layers * self.ctx.n_pos + self.ctx.n_pos
 
+    def readout(self, layer: int) -> Readout:
+        """Every source writing into MLP output `layer`: its features, then its error nodes."""
+        if self.cached is not None:
+            return self.cached[layer]
+        ctx = self.ctx
+        positions = torch.arange(ctx.n_pos)
+        writes = [*self.writes[layer], (self.n_active + layer * ctx.n_pos + positions, positions, ctx.errors[layer])]
+        columns, where, vectors = (torch.cat(parts) for parts in zip(*writes, strict=True))
+        return Readout.build(where, columns, vectors, ctx.n_pos, self.n_sources)
+
     @torch.no_grad()
     def edge_rows(self, mlp_grads: list[torch.Tensor | None], embed_grad: torch.Tensor) -> torch.Tensor:
         """`(batch, n_sources)` direct effects on each batch row's target."""
-        ctx = self.ctx
-        batch = embed_grad.shape[0]
-        out = torch.zeros(batch, self.n_sources, dtype=embed_grad.dtype)
-        for rows, positions, values, decoders, outputs in self.by_layer:
-            contribution = torch.zeros(batch, rows.numel(), dtype=embed_grad.dtype)
-            for offset, target_layer in enumerate(outputs):
-                grad = mlp_grads[target_layer]
-                if grad is not None:
-                    contribution += (grad[:, positions, :] * decoders[:, offset, :]).sum(-1)
-            out[:, rows] = contribution * values
-        start = self.n_active
-        for layer in range(ctx.n_layers):
-            grad = mlp_grads[layer]
+        out = torch.zeros(self.n_sources + 1, embed_grad.shape[0], dtype=embed_grad.dtype)  # + a scratch row
+        for layer, grad in enumerate(mlp_grads):
             if grad is not None:
-                out[:, start + layer * ctx.n_pos : start + (layer + 1) * ctx.n_pos] = (grad * ctx.errors[layer]).sum(-1)
-        start += ctx.n_layers * ctx.n_pos
-        out[:, start : start + ctx.n_pos] = (embed_grad * ctx.embeddings).sum(-1)
-        return out
+                self.readout(layer).add_weights(out, grad)
+        self.tokens.add_weights(out, embed_grad)
+        return out[:-1].T
 
 
 def attribute(
@@ -219,9 +313,11 @@ def attribute(
             max_n_logits=config.max_n_logits,
             desired_probability=config.desired_logit_probability,
         )
-    targets = [
-        Target(t.label, check_position(t.position, ctx.n_pos), t.direction, t.weight, t.token_id) for t in targets
+    targets = [  # own copies of the directions: a salient logit's is a view of a whole demeaned unembedding
+        Target(t.label, check_position(t.position, ctx.n_pos), t.direction.clone(), t.weight, t.token_id)
+        for t in targets
     ]
+    del W_U
     if not targets:
         raise ValueError("no attribution targets")
     timings["context"] = time.perf_counter() - start
@@ -230,7 +326,7 @@ def attribute(
     run = FrozenReplacementRun(ctx, config.batch_size)
     ctx.frozen.clear()  # clean patterns and scales: only needed for value replay, never by attribution
     active = ctx.active_features()
-    sources = _SourceVectors(ctx, active)
+    sources = SourceVectors(ctx, active)
     timings["frozen_forward"] = time.perf_counter() - start
 
     start = time.perf_counter()

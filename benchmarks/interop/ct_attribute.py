@@ -29,7 +29,8 @@ Output safetensors: ``adjacency (N, N)`` (target, source; omitted with ``--no-ad
 (layer, position, feature) of the selected features in matrix order, ``logit_tokens``, ``logit_probabilities``,
 ``input_tokens``; metadata: ``n_pos``, ``n_active``, ``attribute_seconds`` / ``attribute_cpu_seconds`` (wall and
 CPU time of ``attribute()`` alone), ``peak_rss_bytes`` (``ru_maxrss``, whole process), ``attribute_peak_rss_bytes``
-(``VmHWM`` reset just before the first ``attribute()``), ``rss_before_bytes`` (after ``malloc_trim``) and versions.
+(``VmHWM`` reset just before the first ``attribute()``), ``rss_before_bytes`` (after ``malloc_trim``), the same
+two for the last repeat (``warm_*``, see ``rss.run_metadata``) and versions.
 """
 
 from __future__ import annotations
@@ -235,18 +236,21 @@ def run_one(model, kind: str, ids: list[int], out_path: Path, args: argparse.Nam
     if not torch.equal(model.ensure_tokenized(tokens).cpu(), tokens):
         raise SystemExit(f"ct_attribute: circuit-tracer would change the tokens (first id {ids[0]} not special)")
     times, cpu_times = [], []
+    warm = (-1, -1)
     for repeat in range(args.repeats):
         graph = None
         release_freed_memory()
-        if repeat == 0:
-            rss_before = rss_bytes("VmRSS")
-            peak_reset = reset_peak_rss()
+        before = rss_bytes("VmRSS")
+        peak_reset = reset_peak_rss()
         start, cpu_start = time.perf_counter(), time.process_time()
         graph = attribute(tokens, model, batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+        peak = rss_bytes("VmHWM") if peak_reset else -1
         if repeat == 0:
-            attribute_peak = rss_bytes("VmHWM") if peak_reset else -1
+            rss_before, attribute_peak = before, peak
+        elif repeat == args.repeats - 1:
+            warm = (before, peak)
     assert graph is not None
 
     features = graph.active_features[graph.selected_features].to(torch.int64)
@@ -267,7 +271,7 @@ def run_one(model, kind: str, ids: list[int], out_path: Path, args: argparse.Nam
         "n_nodes": str(n_nodes),
         "batch_size": str(args.batch_size),
         "zero_positions": "0:1" if args.zero_bos else "0:0",
-        **run_metadata(times, cpu_times, setup_seconds, rss_before, attribute_peak, torch.get_num_threads()),
+        **run_metadata(times, cpu_times, setup_seconds, rss_before, attribute_peak, torch.get_num_threads(), warm),
         "clt_reconstruction_padded": str(_CLT_PADDED["count"]),
         "circuit_tracer_version": importlib.metadata.version("circuit-tracer"),
         "transformer_lens_version": importlib.metadata.version("transformer-lens"),

@@ -37,13 +37,27 @@ def rss_bytes(field: str, pid: int | str = "self") -> int:
 
 
 def run_metadata(
-    times: list[float], cpu_times: list[float], setup_seconds: float, rss_before: int, attribute_peak: int, threads: int
+    times: list[float],
+    cpu_times: list[float],
+    setup_seconds: float,
+    rss_before: int,
+    attribute_peak: int,
+    threads: int,
+    warm: tuple[int, int] = (-1, -1),
 ) -> dict[str, str]:
-    """The timing and memory fields both engines' children record, in one format."""
+    """The timing and memory fields both engines' children record, in one format.
+
+    `rss_before`/`attribute_peak` belong to the first `attribute()` of the process, `warm` (RSS before, peak) to
+    the last one when there were several: by then whatever the first call paged in or cached for good (model
+    weights that are memory-mapped until first used, allocator pools) is part of the baseline, so peak − before
+    is the working memory of one attribution.
+    """
     import json
     import resource
 
     return {
+        "warm_rss_before_bytes": str(warm[0]),
+        "warm_attribute_peak_rss_bytes": str(warm[1]),
         "attribute_seconds": f"{min(times):.6f}",
         "attribute_seconds_all": json.dumps([round(t, 4) for t in times]),
         "attribute_cpu_seconds": f"{min(cpu_times):.3f}",
