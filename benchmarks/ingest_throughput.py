@@ -55,9 +55,9 @@ def tiny_transcoders(directory: Path) -> Path:
     from atlas.transcoders import TranscoderSpec, build_transcoder, save_transcoder
 
     torch.manual_seed(0)
-    transcoder = build_transcoder(TranscoderSpec(kind="clt", n_layers=2, d_model=32, n_features=64))
+    transcoder = build_transcoder(TranscoderSpec(kind="clt", n_layers=2, d_model=32, n_features=8))
     with torch.no_grad():
-        transcoder.b_enc.fill_(0.2)
+        transcoder.b_enc.fill_(0.05)  # about half the features active, as in tests/test_ingest.py
     return save_transcoder(transcoder, directory, model_name="tiny-llama")
 
 
@@ -97,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--transcoders", type=Path, default=None)
-    parser.add_argument("--prompts", type=int, default=48)
+    parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--modes", default="in-process,dask-1,dask-2")
     args = parser.parse_args()
