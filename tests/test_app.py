@@ -415,3 +415,16 @@ def test_intervention_changes_the_logits(app_env: AtlasFixture, tiny_gpt2: Loade
     table = frames(at, "before", "after", "delta")[0]
     assert (table["delta"].abs() > 0).any()
     assert len(at.code) == 2  # continuations with and without
+
+
+def test_unreachable_store_shows_a_readable_error_on_every_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    from atlas.storage.neo4j_server import free_loopback_port
+
+    monkeypatch.setenv("ATLAS_NEO4J_URI", f"bolt://127.0.0.1:{free_loopback_port()}")  # nothing listens there
+    monkeypatch.setenv("NEO4J_PASSWORD", "x")
+    at = app_test()
+    for page in (None, "views/features.py", "views/prompt_graph.py", "views/paths.py", "views/interventions.py"):
+        if page is not None:
+            at.switch_page(page).run()
+        assert not at.exception, at.exception
+        assert at.error and "does not answer" in at.error[0].value, (page, errors(at))
