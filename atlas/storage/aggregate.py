@@ -20,8 +20,9 @@ edges and marks the Prompt `aggregated: true`; re-writing an aggregated prompt r
 contributions from its old edges before they are deleted and subtracts them in the same final sweep that adds the
 new ones; deleting it subtracts them too. Only the pairs the prompt touches are updated, in ONE sweep sorted by
 (F key, X key) at the end of the transaction, after every node lock of the prompt was taken: two writers thus lock
-shared aggregate relationships in one global order and cannot deadlock on them (two sweeps per transaction, one
-subtracting first and one adding last, deadlocked within seconds with two writer threads). The `aggregated` flag
+shared aggregate relationships in one global order. Transactions that change the layer also take a database-wide
+lock first (`lock_aggregates`), so they run one at a time: relationship-group locks of dense Feature nodes deadlocked
+two writer threads otherwise. The `aggregated` flag
 keeps a mixed history exact: a prompt written with `aggregates=False` contributes nothing and is never subtracted,
 until `update_for_prompts` or a rebuild adds it. A pair whose `n_prompts` reaches 0 is deleted. `max_abs_weight`
 cannot be subtracted: when the removed version held the maximum and the new one does not reach it, it is recomputed
@@ -53,6 +54,8 @@ from dataclasses import dataclass
 from typing import Any, LiteralString
 
 from neo4j import Driver, ManagedTransaction
+
+from atlas.storage.graph_schema import STORE_NAME
 
 AGG_EDGE = "AGG_EDGE"
 FIXED_POINT_SCALE = 4294967296.0  # 2^32: one unit of the integer sums is 2^-32 of a weight unit
@@ -210,6 +213,20 @@ def apply_prompt(tx: ManagedTransaction, prompt_id: str, *, add: bool, old: Cont
         tx.run("MATCH (p:Prompt {id: $pid}) SET p.aggregated = true", pid=prompt_id).consume()
 
 
+def lock_aggregates(tx: ManagedTransaction) -> None:
+    """Take the database-wide aggregate lock (a write on the `SchemaVersion` node, held until the transaction ends).
+
+    Every transaction that may change the layer takes it FIRST, so such transactions run one at a time. Ordering the
+    sweep by pair key is not enough on its own: creating or deleting relationships of dense Feature nodes takes
+    relationship-group locks in an order no sort of the pairs controls, and two writer threads deadlocked there
+    repeatedly, past the driver's 30 s retry budget. Two writer threads gained nothing on 2 cores anyway.
+    """
+    tx.run(
+        "MATCH (v:SchemaVersion {name: $name}) SET v.aggregate_writes = coalesce(v.aggregate_writes, 0) + 1",
+        name=STORE_NAME,
+    ).consume()
+
+
 def _lock_and_read_flag(tx: ManagedTransaction, prompt_id: str) -> bool | None:
     """Write-lock the Prompt (serialises with its writers) and return its `aggregated` flag; None if absent."""
     record = tx.run(
@@ -220,7 +237,9 @@ def _lock_and_read_flag(tx: ManagedTransaction, prompt_id: str) -> bool | None:
 
 
 def contributions_before_delete(tx: ManagedTransaction, prompt_id: str) -> Contributions | None:
-    """Before deleting a prompt: lock it and read its contributions if it is aggregated (else None)."""
+    """Before deleting a prompt: take the aggregate lock, lock the prompt, read its contributions if it is
+    aggregated (else None)."""
+    lock_aggregates(tx)
     return read_contributions(tx, prompt_id) if _lock_and_read_flag(tx, prompt_id) else None
 
 
@@ -233,6 +252,7 @@ def update_for_prompts(driver: Driver, prompt_ids: Iterable[str], *, database: s
     """
 
     def work(tx: ManagedTransaction, pid: str) -> bool:
+        lock_aggregates(tx)
         if _lock_and_read_flag(tx, pid) is False:
             apply_prompt(tx, pid, add=True, old=None)
             return True

@@ -346,7 +346,8 @@ class GraphWriter:
         first failure (in input order) is raised once the prompts in flight have finished (those committed stay).
         A second thread overlaps the client's preparation and round trips with the server's work; with client and
         server on the same 2 cores and a warm server it measured no gain (62k vs 61k EDGE relationships/s), since
-        the server is then the bottleneck. It pays when the server has cores to spare.
+        the server is then the bottleneck. It pays when the server has cores to spare, and with `aggregates=False`:
+        transactions that maintain the aggregate layer take a database-wide lock first and so run one at a time.
         """
         if workers < 1:
             raise ValueError("workers must be positive")
@@ -372,6 +373,8 @@ class GraphWriter:
         deleted = 0
         was_aggregated = False
         old: aggregate.Contributions | None = None
+        if self.aggregates:
+            aggregate.lock_aggregates(tx)  # first: aggregate-maintaining transactions run one at a time
         for position, st in enumerate(plan.statements):
             result = tx.run(st.query, st.params)
             if position == 0:
@@ -392,6 +395,8 @@ class GraphWriter:
                 # aggregate contributions (if it had been aggregated) are read from its edges first; they are
                 # subtracted at the end, in the same ordered sweep that adds the new ones.
                 if was_aggregated:
+                    if not self.aggregates:
+                        aggregate.lock_aggregates(tx)
                     old = aggregate.read_contributions(tx, plan.prompt_id)
                 deleted = tx.run(_DELETE_PROMPT_NODES, pid=plan.prompt_id).consume().counters.nodes_deleted
             if self.after_batch is not None:
