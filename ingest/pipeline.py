@@ -5,7 +5,8 @@ Phases (each timed; the timings go into the report):
 2. connect: Neo4j (`NEO4J_URI`, else the managed local server) and the prompts it already has are skipped, as are
    prompts the ledger records as failing deterministically;
 3. resume: complete shards left in the run directory by an interrupted run are loaded instead of recomputed;
-4. compute + load: a Dask cluster (a `LocalCluster` sized to the machine, or any scheduler address) runs
+4. compute + load: a Dask cluster (a `LocalCluster` sized to the machine, or any scheduler address; `workers=0`:
+   the same tasks called in this process, without Dask) runs
    `compute_batch` on batches of prompts with `retries`; the client loads each finished shard while the workers go
    on (`as_completed`), with a live progress bar;
 5. report: counts and timings, printed and written to `<run dir>/report.json`.
@@ -161,6 +162,9 @@ def _start_dask(options: IngestOptions) -> tuple[Any, Any, int]:
         client = Client(address, timeout="60s")
         return client, None, len(client.scheduler_info(n_workers=-1).get("workers", {}))
     n = options.workers or default_workers()
+    # The scheduler of a LocalCluster lives in this process: keep its INFO chatter out of the progress display.
+    for name in ("distributed", "distributed.scheduler", "distributed.core", "distributed.nanny"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     cluster = LocalCluster(
         n_workers=n,
         threads_per_worker=1,

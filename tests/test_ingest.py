@@ -27,8 +27,10 @@ from neo4j import Driver
 from typer.testing import CliRunner
 
 from atlas.cli import app
+from atlas.storage.aggregate import aggregate_rows
 from atlas.storage.neo4j_server import LocalNeo4jServer, Neo4jConnection
 from atlas.storage.neo4j_writer import GraphWriter
+from atlas.storage.queries import AtlasQueries
 from atlas.transcoders import TranscoderSpec, build_transcoder, save_transcoder
 from ingest.ledger import LEDGER_FILE, Ledger
 from ingest.pipeline import IngestOptions, IngestReport, balanced_batch, run_ingest
@@ -263,14 +265,18 @@ def test_end_to_end_corpus_to_neo4j_and_duckdb(
         assert sorted(r["task"] for r in rows) == sorted(t for _, t in PROMPTS)
         digest = store_digest(neo4j_driver, ids)
         assert digest["nodes"] == report.nodes_written and digest["edges"] == report.edges_written > 0
-        # a sample path query: token → … → logit paths inside one prompt
-        paths = neo4j_driver.execute_query(
-            "MATCH (p:Prompt {id: $pid}) MATCH path = (t:InputToken)-[:EDGE*1..3]->(l:LogitTarget) "
-            "WHERE t.prompt_id = $pid AND l.prompt_id = $pid AND all(n IN nodes(path) WHERE n.prompt_id = $pid) "
-            "RETURN count(path) AS n",
-            pid=ids[0],
-        ).records[0]["n"]
-        assert paths > 0
+        # a sample path query (the query library): from a feature to a logit it reaches inside one prompt
+        sample = neo4j_driver.execute_query(
+            "MATCH (a:FeatureActivation)-[:EDGE*1..2]->(l:LogitTarget) WHERE a.prompt_id IN $ids "
+            "AND l.prompt_id = a.prompt_id MATCH (a)-[:OF]->(f:Feature) RETURN f.key AS key, l.label AS label LIMIT 1",
+            ids=ids,
+        ).records[0]
+        paths = AtlasQueries(neo4j_driver).paths_to_logits(sample["key"], sample["label"], prompt_ids=ids, model=MODEL)
+        assert len(paths) > 0
+        assert all(p.prompt_id in ids and p.source_key == sample["key"] and 1 <= p.hops <= 3 for p in paths.rows)
+        # the aggregate layer covers the ingested prompts
+        aggregates = aggregate_rows(neo4j_driver, transcoder=tid)
+        assert aggregates and all(1 <= a.n_prompts <= len(ids) for a in aggregates)
         # DuckDB: statistics over exactly the ingested tokens
         total_tokens = sum(r["tok"] for r in rows)
         stats = stats_rows(tmp_path / "stats.duckdb", tid)
