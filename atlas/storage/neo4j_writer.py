@@ -37,10 +37,11 @@ and 4,000 edges): about 61k EDGE relationships/s (78k counting the IN and OF lin
 the one-statement-per-edge baseline; re-ingesting existing prompts (delete + write) about 30k/s. A cold server is
 slower (about 33k/s over the first million relationships, while its JIT compiles). Those figures predate the
 aggregate layer: maintaining it (`aggregates=True`, the default: one ordered sweep over the ~1,600 Feature pairs of
-such a prompt, inside its transaction) costs more than the rest of the write: in one run of the benchmark on the
-shared development machine (load average 6-8 on 2 cores), 17.8k EDGE relationships/s with it against 43.4k/s without
-(2.4x), still 46x the naive writer. Use `aggregates=False` + `aggregate.update_for_prompts` / `rebuild_aggregates`
-for first bulk loads.
+such a prompt, inside its transaction) costs more than the rest of the write: in the last run of the benchmark on
+the shared development machine (load average 4-6 on 2 cores), 22.6k EDGE relationships/s with it against 47.8k/s
+without (2.1x), still 50x the naive writer; a 200k-edge prompt no longer fits the transaction memory pool of a 1 GiB
+heap with it (4.7 s without). Use `aggregates=False` + `aggregate.update_for_prompts` / `rebuild_aggregates` for
+first bulk loads and giant prompts.
 
 Transient failures (`ServiceUnavailable`, `SessionExpired`, `TransientError` such as deadlocks) make the driver's
 managed transaction (`Session.execute_write`) roll back and re-run the whole prompt with exponential back-off, up to
