@@ -240,9 +240,10 @@ def bulk_import(server: LocalNeo4jServer, graphs: list[Graph], workdir: Path) ->
     args = write_import_csvs(graphs, workdir / "csv")
     csv_s = time.perf_counter() - started
     cmd = [str(find_java()), "-Xmx2g", "-cp", str(server.lib_dir / "*"), NEO4J_ADMIN_MAIN_CLASS, "database", "import",
-           "full", "neo4j", "--overwrite-destination=true", "--array-delimiter=;", *args]  # fmt: skip
+           "full", "neo4j", "--overwrite-destination=true", "--array-delimiter=;",
+           f"--report-file={workdir / 'import.report'}", *args]  # fmt: skip
     env = {**os.environ, "NEO4J_HOME": str(server.instance_dir), "NEO4J_CONF": str(server.conf_dir)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"neo4j-admin import failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
     shutil.rmtree(workdir / "csv")
