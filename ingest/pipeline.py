@@ -207,12 +207,18 @@ class _InProcessClient:
         pass
 
 
-def _as_completed(futures: list[Any]) -> Iterator[Any]:
+def _as_completed(client: Any, futures: list[Any]) -> Iterator[Any]:
+    """`futures` in the order they finish, tracked on `client`'s own event loop.
+
+    `distributed.as_completed` otherwise takes the loop of the process's *default* client, which is not ours when the
+    caller holds another client (a notebook, a test): futures then wait on one loop and are rescheduled on another,
+    and a task lost with its worker fails with "Event ... is bound to a different event loop" instead of rerunning.
+    """
     if futures and isinstance(futures[0], _Done):
         return iter(futures)
     from distributed import as_completed
 
-    return iter(as_completed(futures))
+    return iter(as_completed(futures, loop=client.loop))
 
 
 def _dashboard(client: Any) -> str | None:
@@ -418,8 +424,9 @@ def _compute_and_load(
         if isinstance(client, _InProcessClient):  # compute lazily, so loading follows each batch
             futures: Iterator[Any] = (client.submit(compute_batch, spec, key=key) for key, spec in submit)
         else:
-            futures = _as_completed([client.submit(compute_batch, spec, key=key, retries=options.retries, pure=False,
-                                                   resources=resources) for key, spec in submit])  # fmt: skip
+            submitted = [client.submit(compute_batch, spec, key=key, retries=options.retries, pure=False,
+                                       resources=resources) for key, spec in submit]  # fmt: skip
+            futures = _as_completed(client, submitted)
         finished = 0
         for future in futures:
             spec = specs[str(future.key)]

@@ -186,6 +186,8 @@ def attribute_prompt(plugin: ModelPlugin, item: PromptItem, spec: BatchSpec, tim
 
 def compute_batch(spec: BatchSpec) -> dict[str, Any]:
     """Attribute a batch and write its shard; returns the shard's summary (see module docstring)."""
+    import torch
+
     from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA
     from atlas.storage.feature_stats import FeatureStatsShard
 
@@ -193,6 +195,9 @@ def compute_batch(spec: BatchSpec) -> dict[str, Any]:
     if (final / SUMMARY_FILE).is_file():
         return json.loads((final / SUMMARY_FILE).read_text())
     plugin = _plugin(spec.plugin)
+    # OpenMP's thread count is per OS thread: the plugin set it in the thread that ran `setup`, but Dask runs tasks
+    # in its executor threads, which otherwise start from OMP_NUM_THREADS=1 (Dask's default for worker processes).
+    torch.set_num_threads(plugin.torch_threads)
     transcoder = plugin.transcoder.spec
     stats = FeatureStatsShard(spec.identity.transcoder_id, transcoder.n_layers, transcoder.n_features)
     timings = {"attribute": 0.0, "prune": 0.0, "stats_forward": 0.0, "stats": 0.0, "write": 0.0}
