@@ -4,9 +4,11 @@ Modes, each over the same prompts and the same transcoders, into the same Neo4j 
 before the next, so every mode writes into the same store state) and its own DuckDB file:
 - `in-process`: `run_ingest(workers=0)`: the same batch task and loader, called in a plain loop in this process
   (no Dask, no overlap of computing and loading), torch on all cores;
-- `dask-1`, `dask-2`: a `LocalCluster` of 1 or 2 single-threaded worker processes, the loader in this process.
-For each mode it prints the end-to-end time (cluster start and model loading included) and the steady-state rate
-over the compute-and-load phase, and the Dask/in-process ratios (goal: Dask overhead ≤ 10%). The machine's load
+- `dask-1`, `dask-2`: a `LocalCluster` of 1 or 2 worker processes (the cores shared out as torch threads: 2 or 1
+  each here), the loader in this process.
+For each mode it prints the end-to-end time (cluster start and model loading included), the steady-state rate over
+the compute-and-load phase, the time the tasks spent computing (summed over workers), the loader's Neo4j time, and
+the Dask/in-process ratios (goal: Dask overhead ≤ 10%). The machine's load
 average is printed too: other processes share the cores.
 
     .venv/bin/python benchmarks/ingest_throughput.py [--model tiny-llama|smollm2-135m-instruct] [--prompts 48]
@@ -125,14 +127,17 @@ def main() -> None:
         load_after = os.getloadavg()
     loads = f"before {load_before[0]:.2f}/{load_before[1]:.2f}, after {load_after[0]:.2f}/{load_after[1]:.2f}"
     print(f"\nmodel {args.model}, {args.prompts} prompts, batch {args.batch}; {os.cpu_count()} cores; load {loads}")
-    print(f"{'mode':<12}{'computed':>9}{'edges':>9}{'wall s':>9}{'steady s':>10}{'prompts/s':>11}{'steady p/s':>12}")
+    print(f"{'mode':<12}{'computed':>9}{'edges':>9}{'wall s':>9}{'steady s':>10}{'prompts/s':>11}{'steady p/s':>12}"
+          f"{'worker s':>10}{'neo4j s':>9}")  # fmt: skip
     rates: dict[str, tuple[float, float]] = {}
     for mode, report in results.items():
         wall = report.timings["wall"]
         steady = report.timings.get("compute_and_load", wall)
         rates[mode] = (report.computed / wall, report.computed / steady)
+        worker = sum(report.worker_timings.values())  # summed over workers: attribute, prune, stats, write
         print(f"{mode:<12}{report.computed:>9}{report.edges_written:>9}{wall:>9.1f}{steady:>10.1f}"
-              f"{rates[mode][0]:>11.2f}{rates[mode][1]:>12.2f}")  # fmt: skip
+              f"{rates[mode][0]:>11.2f}{rates[mode][1]:>12.2f}{worker:>10.1f}"
+              f"{report.timings.get('load_neo4j', 0.0):>9.1f}")  # fmt: skip
     if "in-process" in rates:
         base_wall, base_steady = rates["in-process"]
         for mode in (m for m in rates if m != "in-process"):

@@ -196,7 +196,8 @@ def compute_batch(spec: BatchSpec) -> dict[str, Any]:
         return json.loads((final / SUMMARY_FILE).read_text())
     plugin = _plugin(spec.plugin)
     # OpenMP's thread count is per OS thread: the plugin set it in the thread that ran `setup`, but Dask runs tasks
-    # in its executor threads, which otherwise start from OMP_NUM_THREADS=1 (Dask's default for worker processes).
+    # in its executor threads. (It cannot grow the pools beyond what OMP_NUM_THREADS gave them at the worker's
+    # start: the pipeline's LocalCluster sizes that, see `ingest.pipeline.THREAD_ENV_VARS`.)
     torch.set_num_threads(plugin.torch_threads)
     transcoder = plugin.transcoder.spec
     stats = FeatureStatsShard(spec.identity.transcoder_id, transcoder.n_layers, transcoder.n_features)

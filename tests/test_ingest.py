@@ -33,7 +33,7 @@ from atlas.storage.neo4j_writer import GraphWriter
 from atlas.storage.queries import AtlasQueries
 from atlas.transcoders import TranscoderSpec, build_transcoder, save_transcoder
 from ingest.ledger import LEDGER_FILE, Ledger
-from ingest.pipeline import IngestOptions, IngestReport, balanced_batch, run_ingest
+from ingest.pipeline import IngestOptions, IngestReport, _start_dask, balanced_batch, run_ingest, worker_torch_threads
 from ingest.prompts import CorpusError, normalise, prompt_key, read_corpus
 from ingest.settings import AttributionSettings, transcoder_identity
 
@@ -340,6 +340,25 @@ def test_answer_targets_and_unknown_target_token(
         assert labels[0]["t"] == [" "]  # the tiny character tokenizer: the answer's first token
     finally:
         delete_prompts(neo4j_driver, ids)
+
+
+def _worker_threads() -> tuple[str | None, int]:
+    import torch as worker_torch  # first imported in the worker process here, so its pools are sized now
+
+    return os.environ.get("OMP_NUM_THREADS"), worker_torch.get_num_threads()
+
+
+def test_local_cluster_workers_get_their_share_of_the_cores(tmp_path: Path) -> None:
+    # Dask's nanny starts workers with OMP_NUM_THREADS=1, which would pin torch to one core whatever a task asks for.
+    client, cluster, n_workers = _start_dask(IngestOptions(tmp_path / "c.txt", tmp_path, "tiny-llama", workers=1))
+    try:
+        ((variable, threads),) = client.run(_worker_threads).values()
+    finally:
+        client.close()
+        cluster.close()
+    expected = worker_torch_threads(1)
+    assert n_workers == 1 and expected == (os.cpu_count() or 1)
+    assert variable == str(expected) and threads == expected
 
 
 # -- faults ------------------------------------------------------------------------------------------------------
