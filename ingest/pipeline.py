@@ -146,6 +146,32 @@ def worker_torch_threads(n_workers: int) -> int:
 # default (`distributed.nanny.pre-spawn-environ`); a later `torch.set_num_threads(2)` then reports 2 threads but
 # computes on one (measured: a 1500² matmul loop 0.97 s with 1 or "2" threads, 0.56 s with the pools sized to 2).
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# The nanny also sets MALLOC_TRIM_THRESHOLD_=65536 before spawning a worker. Any explicit trim threshold switches off
+# glibc's dynamic mmap threshold, so attribution's large temporary tensors are mmapped and unmapped anew each time:
+# one SmolLM2 prompt took 1.33-1.48 s with it set (65536 or 128 MiB) against 0.73-0.83 s without, on 2 threads.
+MALLOC_TRIM_ENV = "MALLOC_TRIM_THRESHOLD_"
+
+
+@contextlib.contextmanager
+def _no_malloc_trim_for_workers() -> Iterator[None]:
+    """While LocalCluster spawns its workers: no trim threshold from Dask, nor one an earlier nanny left here.
+
+    A nanny writes its pre-spawn variables into this process's environment for good, so a second cluster's workers
+    would inherit Dask's value from it; a value of the user's own (any other value) is left alone.
+    """
+    import dask
+
+    key = f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM_ENV}"
+    dasks_value = dask.config.get(key, None)
+    inherited = os.environ.get(MALLOC_TRIM_ENV)
+    if inherited is not None and dasks_value is not None and inherited == str(dasks_value):
+        del os.environ[MALLOC_TRIM_ENV]
+    try:
+        with dask.config.set({key: None}):  # None unsets a pre-spawn variable
+            yield
+    finally:
+        if inherited is not None:
+            os.environ[MALLOC_TRIM_ENV] = inherited
 
 
 def balanced_batch(n_prompts: int, n_workers: int, cap: int = 8) -> int:
@@ -176,15 +202,16 @@ def _start_dask(options: IngestOptions) -> tuple[Any, Any, int]:
     # The scheduler of a LocalCluster lives in this process: keep its INFO chatter out of the progress display.
     for name in ("distributed", "distributed.scheduler", "distributed.core", "distributed.nanny"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    cluster = LocalCluster(
-        n_workers=n,
-        threads_per_worker=1,
-        processes=True,
-        resources={"GPU": 1} if options.gpu else None,
-        dashboard_address=":0",
-        silence_logs=logging.ERROR,
-        env={name: str(worker_torch_threads(n)) for name in THREAD_ENV_VARS},
-    )
+    with _no_malloc_trim_for_workers():
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            resources={"GPU": 1} if options.gpu else None,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+            env={name: str(worker_torch_threads(n)) for name in THREAD_ENV_VARS},
+        )
     return Client(cluster), cluster, n
 
 

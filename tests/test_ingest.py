@@ -342,23 +342,29 @@ def test_answer_targets_and_unknown_target_token(
         delete_prompts(neo4j_driver, ids)
 
 
-def _worker_threads() -> tuple[str | None, int]:
+def _worker_threads() -> tuple[str | None, str | None, int]:
     import torch as worker_torch  # first imported in the worker process here, so its pools are sized now
 
-    return os.environ.get("OMP_NUM_THREADS"), worker_torch.get_num_threads()
+    return os.environ.get("OMP_NUM_THREADS"), os.environ.get("MALLOC_TRIM_THRESHOLD_"), worker_torch.get_num_threads()
 
 
-def test_local_cluster_workers_get_their_share_of_the_cores(tmp_path: Path) -> None:
-    # Dask's nanny starts workers with OMP_NUM_THREADS=1, which would pin torch to one core whatever a task asks for.
-    client, cluster, n_workers = _start_dask(IngestOptions(tmp_path / "c.txt", tmp_path, "tiny-llama", workers=1))
-    try:
-        ((variable, threads),) = client.run(_worker_threads).values()
-    finally:
-        client.close()
-        cluster.close()
-    expected = worker_torch_threads(1)
-    assert n_workers == 1 and expected == (os.cpu_count() or 1)
-    assert variable == str(expected) and threads == expected
+def test_local_cluster_workers_get_their_share_of_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dask's nanny starts workers with OMP_NUM_THREADS=1, which would pin torch to one core whatever a task asks
+    # for, and with MALLOC_TRIM_THRESHOLD_ set, which halves attribution's speed; it also leaves both in this
+    # process's environment for good (as an earlier nanny would have: set here), so a second cluster is checked too.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    for _ in range(2):
+        client, cluster, n_workers = _start_dask(IngestOptions(tmp_path / "c.txt", tmp_path, "tiny-llama", workers=1))
+        try:
+            ((variable, trim, threads),) = client.run(_worker_threads).values()
+        finally:
+            client.close()
+            cluster.close()
+        expected = worker_torch_threads(1)
+        assert n_workers == 1 and expected == (os.cpu_count() or 1)
+        assert variable == str(expected) and threads == expected
+        assert trim is None
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment as it was
 
 
 # -- faults ------------------------------------------------------------------------------------------------------
