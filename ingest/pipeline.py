@@ -153,25 +153,34 @@ MALLOC_TRIM_ENV = "MALLOC_TRIM_THRESHOLD_"
 
 
 @contextlib.contextmanager
-def _no_malloc_trim_for_workers() -> Iterator[None]:
-    """While LocalCluster spawns its workers: no trim threshold from Dask, nor one an earlier nanny left here.
+def _worker_spawn_environment(threads: int) -> Iterator[None]:
+    """While LocalCluster spawns its workers: thread counts of `threads`, no trim threshold, in the spawned process.
 
-    A nanny writes its pre-spawn variables into this process's environment for good, so a second cluster's workers
-    would inherit Dask's value from it; a value of the user's own (any other value) is left alone.
+    Both must be in the environment a worker process starts with (its own `env` is applied after its arguments are
+    unpickled, which may already load torch). A nanny computes its pre-spawn variables from Dask's config, overridden
+    by this process's environment, and writes them into this process's environment for good; so they are set here
+    for the spawn and restored afterwards, and a trim threshold equal to Dask's own (left by an earlier nanny, not set
+    by the user) is dropped.
     """
     import dask
 
-    key = f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM_ENV}"
-    dasks_value = dask.config.get(key, None)
-    inherited = os.environ.get(MALLOC_TRIM_ENV)
-    if inherited is not None and dasks_value is not None and inherited == str(dasks_value):
+    prefix = "distributed.nanny.pre-spawn-environ."
+    saved = {name: os.environ.get(name) for name in (*THREAD_ENV_VARS, MALLOC_TRIM_ENV)}
+    dasks_trim = dask.config.get(prefix + MALLOC_TRIM_ENV, None)
+    if dasks_trim is not None and saved[MALLOC_TRIM_ENV] == str(dasks_trim):
         del os.environ[MALLOC_TRIM_ENV]
+    os.environ.update({name: str(threads) for name in THREAD_ENV_VARS})
+    overrides: dict[str, Any] = {prefix + MALLOC_TRIM_ENV: None}  # None unsets a pre-spawn variable
+    overrides.update({prefix + name: str(threads) for name in THREAD_ENV_VARS})
     try:
-        with dask.config.set({key: None}):  # None unsets a pre-spawn variable
+        with dask.config.set(overrides):
             yield
     finally:
-        if inherited is not None:
-            os.environ[MALLOC_TRIM_ENV] = inherited
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def balanced_batch(n_prompts: int, n_workers: int, cap: int = 8) -> int:
@@ -202,7 +211,7 @@ def _start_dask(options: IngestOptions) -> tuple[Any, Any, int]:
     # The scheduler of a LocalCluster lives in this process: keep its INFO chatter out of the progress display.
     for name in ("distributed", "distributed.scheduler", "distributed.core", "distributed.nanny"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    with _no_malloc_trim_for_workers():
+    with _worker_spawn_environment(worker_torch_threads(n)):
         cluster = LocalCluster(
             n_workers=n,
             threads_per_worker=1,
@@ -210,7 +219,6 @@ def _start_dask(options: IngestOptions) -> tuple[Any, Any, int]:
             resources={"GPU": 1} if options.gpu else None,
             dashboard_address=":0",
             silence_logs=logging.ERROR,
-            env={name: str(worker_torch_threads(n)) for name in THREAD_ENV_VARS},
         )
     return Client(cluster), cluster, n
 

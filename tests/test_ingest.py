@@ -353,6 +353,7 @@ def test_local_cluster_workers_get_their_share_of_the_cores(tmp_path: Path, monk
     # for, and with MALLOC_TRIM_THRESHOLD_ set, which halves attribution's speed; it also leaves both in this
     # process's environment for good (as an earlier nanny would have: set here), so a second cluster is checked too.
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for _ in range(2):
         client, cluster, n_workers = _start_dask(IngestOptions(tmp_path / "c.txt", tmp_path, "tiny-llama", workers=1))
         try:
@@ -364,7 +365,8 @@ def test_local_cluster_workers_get_their_share_of_the_cores(tmp_path: Path, monk
         assert n_workers == 1 and expected == (os.cpu_count() or 1)
         assert variable == str(expected) and threads == expected
         assert trim is None
-    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment as it was
+    # this process's environment as it was
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536" and os.environ["OMP_NUM_THREADS"] == "1"
 
 
 # -- faults ------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 from neo4j import Driver, GraphDatabase
-from test_neo4j_writer import Graph, Names, checksum, make_graph, snapshot
+from test_neo4j_writer import Graph, Names, checksum, delete_named, make_graph, snapshot
 
 from atlas.storage.aggregate import aggregate_rows
 from atlas.storage.neo4j_server import LocalNeo4jServer, Neo4jConnection, free_loopback_port
@@ -71,17 +71,7 @@ def kill_and_restart(server: LocalNeo4jServer, port: int, *, hard: bool) -> floa
 def names(neo4j_driver: Driver, neo4j_connection: Neo4jConnection) -> Iterator[Names]:
     names = Names()
     yield names
-    db = neo4j_connection.database
-    cleaner = GraphWriter(neo4j_driver, db)
-    for pid in names.prompts:
-        cleaner.delete_prompt(pid)
-    for query in (
-        "MATCH (f:Feature {transcoder: $tc}) DETACH DELETE f",
-        "MATCH (t:Token {model: $model}) DETACH DELETE t",
-        "MATCH (t:Transcoder {id: $tc}) DETACH DELETE t",
-        "MATCH (m:Model {name: $model}) DETACH DELETE m",
-    ):
-        neo4j_driver.execute_query(query, tc=names.transcoder, model=names.model, database_=db)
+    delete_named(neo4j_driver, neo4j_connection.database, names)
 
 
 def clean_rerun_state(driver: Driver, db: str, names: Names, graphs: list[Graph]) -> tuple[StoreCounts, str]:

@@ -178,11 +178,9 @@ def writer(neo4j_driver: Driver, db: str) -> GraphWriter:
     return GraphWriter(neo4j_driver, db)
 
 
-@pytest.fixture
-def names(neo4j_driver: Driver, db: str) -> Iterator[Names]:
-    names = Names()
-    yield names
-    cleaner = GraphWriter(neo4j_driver, db)
+def delete_named(driver: Driver, db: str, names: Names) -> None:
+    """Delete everything a test wrote under `names`: its prompts, then its features, tokens, transcoder and model."""
+    cleaner = GraphWriter(driver, db)
     for pid in names.prompts:
         cleaner.delete_prompt(pid)
     for query in (
@@ -191,7 +189,14 @@ def names(neo4j_driver: Driver, db: str) -> Iterator[Names]:
         "MATCH (t:Transcoder {id: $tc}) DETACH DELETE t",
         "MATCH (m:Model {name: $model}) DETACH DELETE m",
     ):
-        neo4j_driver.execute_query(query, tc=names.transcoder, model=names.model, database_=db)
+        driver.execute_query(query, tc=names.transcoder, model=names.model, database_=db)
+
+
+@pytest.fixture
+def names(neo4j_driver: Driver, db: str) -> Iterator[Names]:
+    names = Names()
+    yield names
+    delete_named(neo4j_driver, db, names)
 
 
 def test_ensure_schema_is_idempotent_and_creates_every_rule(neo4j_driver: Driver, db: str) -> None:
