@@ -169,11 +169,9 @@ def _worker_spawn_environment(threads: int) -> Iterator[None]:
     dasks_trim = dask.config.get(prefix + MALLOC_TRIM_ENV, None)
     if dasks_trim is not None and saved[MALLOC_TRIM_ENV] == str(dasks_trim):
         del os.environ[MALLOC_TRIM_ENV]
-    os.environ.update({name: str(threads) for name in THREAD_ENV_VARS})
-    overrides: dict[str, Any] = {prefix + MALLOC_TRIM_ENV: None}  # None unsets a pre-spawn variable
-    overrides.update({prefix + name: str(threads) for name in THREAD_ENV_VARS})
+    os.environ.update({name: str(threads) for name in THREAD_ENV_VARS})  # take precedence over Dask's config
     try:
-        with dask.config.set(overrides):
+        with dask.config.set({prefix + MALLOC_TRIM_ENV: None}):  # None unsets a pre-spawn variable
             yield
     finally:
         for name, value in saved.items():
