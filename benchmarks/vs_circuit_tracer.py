@@ -2,9 +2,11 @@
 
 Each engine runs in its own subprocess (ours in the main venv, theirs in `.venv-ct` through
 `interop/ct_attribute.py`), one after the other, on the same token ids, transcoders, batch size and position-0
-convention, so wall time and peak RSS compare. Prints, per prompt, the largest |edge difference| after mapping node
-orders (features by (layer, position, feature); errors, tokens, logits by layout), also relative to the largest
-|edge| and split by (target kind <- source kind); then wall time and peak RSS of `attribute()` on a ~64-token
+convention, so wall time and peak RSS compare. Each child runs one model forward before measuring (our loader
+maps weights lazily: the first forward pages them in, which is loading, not attribution). Prints, per prompt, the
+largest |edge difference| after mapping node orders (features by (layer, position, feature); errors, tokens,
+logits by layout), also relative to the largest |edge| and split by (target kind <- source kind); then wall time
+and peak RSS of `attribute()` on a ~64-token
 prompt; with `--sweep`, the longest prompt each engine completes under an RSS cap (the parent polls the child's
 RSS and kills it above the cap; model load included). The sweep caps `max_feature_nodes` and uses a small batch so
 that it takes minutes on 2 cores: its memory is then that of the batched frozen forward (∝ batch × n_pos² for the
@@ -123,7 +125,10 @@ def run_ours(args: argparse.Namespace) -> int:
         zero_positions=(0,) if args.zero_bos else (),
         batch_size=args.batch_size,
         max_feature_nodes=args.max_feature_nodes,
+        prefix_buckets=args.prefix_buckets,
     )
+    with torch.no_grad():  # warm-up: our loader maps the weights lazily; page them in before RSS is measured
+        model.model(torch.tensor([json.loads(Path(args.tokens[0]).read_text())]))
     setup_seconds = time.perf_counter() - t_setup
     for tokens_path, out_path in zip(args.tokens, args.out, strict=True):
         ids = json.loads(Path(tokens_path).read_text())
@@ -597,6 +602,7 @@ def _child_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-feature-nodes", type=int, default=None)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--no-adjacency", action="store_true")
+    p.add_argument("--prefix-buckets", type=int, default=2)
     p.add_argument("--profile", action="store_true")
     return p
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from atlas.attribution.context import PromptContext, PromptError, build_context
-from atlas.attribution.engine import AttributionConfig, Readout, SourceVectors, attribute
+from atlas.attribution.engine import AttributionConfig, Readout, SourceVectors, attribute, plan_batches, prefix_lengths
 from atlas.attribution.graph import AttributionGraph
 from atlas.attribution.interventions import FeatureIntervention, constrained_run, generate, intervene
 from atlas.attribution.nodes import ErrorNode, NodeKind, TokenNode
@@ -16,7 +16,7 @@ from atlas.transcoders import TranscoderFormatError, TranscoderSpec, build_trans
 from atlas.transcoders.base import EncoderStack
 
 PROMPT = "When Mary and John went to the store"
-NO_ZEROING = AttributionConfig(zero_positions=(), batch_size=16)
+NO_ZEROING = AttributionConfig(zero_positions=(), batch_size=16, min_prefix_tokens=1)  # prefix runs exercised too
 
 
 def random_transcoder(model: LoadedModel, kind: str, *, skip: bool = False, b_dec: bool = True) -> EncoderStack:
@@ -284,3 +284,49 @@ def test_readout_pads_uneven_positions_at_most_twofold() -> None:
     out = torch.zeros(scratch + 1, 2)
     readout.add_weights(out, grad)
     torch.testing.assert_close(out[columns], (grad[:, positions] * vectors).sum(-1).T)
+
+
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_prefix_runs_give_the_edges_of_one_full_run(model: LoadedModel, kind: str) -> None:
+    """Backward passes over prompt prefixes (causality) change no edge, with a skip, a cap and a mid-prompt target."""
+    transcoder = random_transcoder(model, kind, skip=True)
+    W_U = model.model.W_U.detach()
+    for extra in ({}, {"max_feature_nodes": 10, "update_interval": 1}):
+        graphs = [
+            attribute(
+                model,
+                transcoder,
+                PROMPT,
+                targets=[
+                    *token_targets([" ", "e"], W_U, model.tokenizer, position=3),
+                    *token_targets(["e"], W_U, model.tokenizer, position=-1),
+                ],
+                config=AttributionConfig(
+                    zero_positions=(), batch_size=4, prefix_buckets=buckets, min_prefix_tokens=1, **extra
+                ),  # type: ignore[arg-type]
+            )
+            for buckets in (1, 4)
+        ]
+        assert graphs[0].index.features == graphs[1].index.features
+        torch.testing.assert_close(dense(graphs[1]), dense(graphs[0]), rtol=1e-6, atol=1e-6)
+
+
+def test_batches_use_the_shortest_prefix_holding_each_target() -> None:
+    assert prefix_lengths(64, 2) == [32, 64]
+    assert prefix_lengths(10, 3) == [4, 7, 10]
+    assert prefix_lengths(2, 5) == [1, 2]  # never more prefixes than tokens
+    assert prefix_lengths(9, 1) == [9]
+    assert prefix_lengths(47, 2, min_tokens=24) == [47] and prefix_lengths(48, 2, min_tokens=24) == [24, 48]
+    generator = torch.Generator().manual_seed(0)
+    layers = torch.randint(0, 6, (50,), generator=generator)
+    positions = torch.randint(0, 10, (50,), generator=generator)
+    lengths = prefix_lengths(10, 3)
+    batches = plan_batches(layers, positions, lengths, batch_size=8)
+    rows = torch.cat([members for members, _ in batches])
+    assert sorted(rows.tolist()) == list(range(50))  # every target exactly once
+    for members, length in batches:
+        assert 0 < members.numel() <= 8
+        shortest = min(n for n in lengths if n > int(positions[members].max()))
+        assert all(min(n for n in lengths if n > int(p)) == length for p in positions[members].tolist())
+        assert length == shortest
+        assert layers[members].tolist() == sorted(layers[members].tolist())

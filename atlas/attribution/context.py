@@ -115,11 +115,15 @@ def build_context(
 
 
 def mlp_output_with_skip(ctx: PromptContext, layer: int, base: torch.Tensor, x_live: torch.Tensor) -> torch.Tensor:
-    """`base + skip(x_live) − skip(x_clean)`: the frozen MLP output, letting only the skip respond to its input."""
+    """`base + skip(x_live) − skip(x_clean)`: the frozen MLP output, letting only the skip respond to its input.
+
+    `x_live (..., n, d)` may cover a prefix of the prompt (`n ≤ n_pos`): the clean input is cut to match.
+    """
     transcoder = ctx.transcoder
     if transcoder.W_skip is None:
         return base
-    return base + transcoder.compute_skip(layer, x_live) - transcoder.compute_skip(layer, ctx.inputs[layer])
+    clean = ctx.inputs[layer, : x_live.shape[-2]]
+    return base + transcoder.compute_skip(layer, x_live) - transcoder.compute_skip(layer, clean)
 
 
 def replay_freeze_hooks(ctx: PromptContext, batch: int = 1) -> list[tuple[str, Any]]:

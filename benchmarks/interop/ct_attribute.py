@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_replacement_model(args, transcoders, Path(tmp), max(len(ids) for ids in prompts))
         model.zero_positions = slice(0, 1) if args.zero_bos else slice(0, 0)
+        with torch.no_grad():  # warm-up, as on our side: every weight resident before RSS is measured
+            model(torch.tensor([prompts[0]]))
         setup_seconds = time.perf_counter() - t_setup
         for ids, out_path in zip(prompts, args.out, strict=True):
             run_one(model, kind, ids, out_path, args, setup_seconds)
