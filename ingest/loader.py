@@ -2,9 +2,11 @@
 
 It runs in the client process while Dask workers keep computing. For each shard it asks Neo4j which of its prompts
 are already stored (the store is the source of truth, so a reloaded shard writes nothing twice), writes the others
-one transaction per prompt, and queues the shard's statistics; `flush_stats()` merges queued statistics shards into
-DuckDB in one snapshot (`FeatureStatsStore` skips shards it has already merged, so reruns never double count).
-Neo4j being unreachable (a restart) is waited out: writes are retried with back-off for up to `retry_s` seconds.
+one transaction per prompt, then calls `after_write` with the shard's prompt ids (the pipeline's hook adds them to
+the aggregate layer in one batch, `atlas.storage.aggregate.update_for_prompts`), and queues the shard's
+statistics; `flush_stats()` merges queued statistics shards into DuckDB in one snapshot (`FeatureStatsStore` skips
+shards it has already merged, so reruns never double count). Neo4j being unreachable (a restart) is waited out:
+writes are retried with back-off for up to `retry_s` seconds.
 This module never computes graphs and never opens DuckDB except through `FeatureStatsStore`.
 """
 
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRYABLE = (ServiceUnavailable, SessionExpired, TransientError, ConnectionError, OSError)
 
-# Called with the prompt ids just written (the aggregate layer's hook).
+# Called with a loaded shard's prompt ids, written now or before (the aggregate layer's hook; idempotent).
 AfterWrite = Callable[[list[str]], None]
 
 
@@ -128,8 +130,11 @@ class StoreLoader:
                 result = retrying(write, retry_s=self.retry_s, what=f"write prompt {pid}", on_retry=self._retry_note)
                 n_nodes += result.n_nodes
                 n_edges += result.n_edges
-            if self.after_write is not None:
-                self.after_write(todo)
+        if self.after_write is not None:
+            # Every prompt of the shard, not only those written now: after a crash between the write and this call,
+            # the resumed run skips the stored prompts but must still aggregate them (the hook is idempotent).
+            hook, shard_ids = self.after_write, list(metas)
+            retrying(lambda: hook(shard_ids), retry_s=self.retry_s, what="aggregate update", on_retry=self._retry_note)
         self.neo4j_seconds += time.perf_counter() - started
         self._pending += sorted(shard.glob("stats-*"))
         if time.monotonic() - self._last_flush >= self.stats_every_s:

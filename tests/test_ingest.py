@@ -27,7 +27,7 @@ from neo4j import Driver
 from typer.testing import CliRunner
 
 from atlas.cli import app
-from atlas.storage.aggregate import aggregate_rows
+from atlas.storage.aggregate import aggregate_rows, rebuild_aggregates
 from atlas.storage.neo4j_server import LocalNeo4jServer, Neo4jConnection
 from atlas.storage.neo4j_writer import GraphWriter
 from atlas.storage.queries import AtlasQueries
@@ -475,6 +475,10 @@ def test_kill_the_whole_ingest_then_rerun(
         assert store_digest(neo4j_driver, ids) == reference  # same counts and content, no duplicate prompts
         assert reference["distinct"] == reference["prompts"] == 24
         assert stats_rows(tmp_path / "stats.duckdb", report.transcoder_id) == ref_stats
+        # the aggregate layer, maintained per shard, counts every prompt once: it equals a rebuild from scratch
+        incremental = aggregate_rows(neo4j_driver, transcoder=report.transcoder_id)
+        rebuild_aggregates(neo4j_driver, transcoder=report.transcoder_id)
+        assert incremental and aggregate_rows(neo4j_driver, transcoder=report.transcoder_id) == incremental
     finally:
         delete_prompts(neo4j_driver, ids)
 

@@ -554,6 +554,13 @@ def test_aggregates_stay_exact_through_writes_replacements_and_deletes(
     bulk.write_prompts([p7, p8])
     assert update_for_prompts(neo4j_driver, [p7[0]["id"], p8[0]["id"], "no-such-prompt"], database=db) == 2
     assert update_for_prompts(neo4j_driver, [p7[0]["id"], p8[0]["id"]], database=db) == 0
+    # Deferred maintenance in batches: prompts sharing pairs are added in one sweep per batch (3 + 1 here).
+    deferred = [random_graph(f"q{i}", i) for i in range(4)]
+    bulk.write_prompts(deferred)
+    ids = [g[0]["id"] for g in deferred]
+    assert update_for_prompts(neo4j_driver, [*ids, p7[0]["id"]], database=db, prompts_per_tx=3) == 4
+    with pytest.raises(ValueError, match="prompts_per_tx"):
+        update_for_prompts(neo4j_driver, ids, database=db, prompts_per_tx=0)
     bulk.write_prompt(*p8)  # p8 now un-aggregated again (its contributions were subtracted first)
     writer.write_prompt(*p8)
     p9 = random_graph("p9", 4)
@@ -569,7 +576,7 @@ def test_aggregates_stay_exact_through_writes_replacements_and_deletes(
     assert incremental == scratch  # exact: fixed-point sums, max recomputed on removal
 
     # And against an independent computation in Python from the tables of the prompts now stored.
-    stored = [replaced, graphs["p0"], graphs["p2"], graphs["p5"], graphs["p3"], p6, p8, p9]
+    stored = [replaced, graphs["p0"], graphs["p2"], graphs["p5"], graphs["p3"], p6, p8, p9, *deferred]
     expected: dict[tuple[str, str], list[float]] = {}
     prompts_of: dict[tuple[str, str], set[str]] = {}
     for meta, nodes, edges in stored:

@@ -32,16 +32,15 @@ against 56-63 ms for one transaction, before counting the deferred delete of the
 collection of abandoned stages. Its only advantage is bounded transaction memory; one transaction of a 200k-edge,
 22k-node prompt still commits with the default 1 GiB heap (6.9 s; `benchmarks/neo4j_load.py`).
 
-Measured there (`benchmarks/neo4j_load.py`, fresh managed server, 1 GiB heap, after warm-up; prompts of 674 nodes
-and 4,000 edges): about 61k EDGE relationships/s (78k counting the IN and OF links), 54 ms per prompt, about 100x
-the one-statement-per-edge baseline; re-ingesting existing prompts (delete + write) about 30k/s. A cold server is
-slower (about 33k/s over the first million relationships, while its JIT compiles). Those figures predate the
-aggregate layer: maintaining it (`aggregates=True`, the default: one ordered sweep over the ~1,600 Feature pairs of
-such a prompt, inside its transaction) costs more than the rest of the write: in the last run of the benchmark on
-the shared development machine (load average 4-6 on 2 cores), 22.6k EDGE relationships/s with it against 47.8k/s
-without (2.1x), still 50x the naive writer; a 200k-edge prompt no longer fits the transaction memory pool of a 1 GiB
-heap with it (4.7 s without). Use `aggregates=False` + `aggregate.update_for_prompts` / `rebuild_aggregates` for
-first bulk loads and giant prompts.
+Measured (`benchmarks/neo4j_load.py`, fresh managed server, 1 GiB heap, 128 MiB page cache, after warm-up; 200
+prompts of 674 nodes and 4,000 edges, client and server on the same 2 cores): without aggregate maintenance
+(`aggregates=False`) 63.8k EDGE relationships/s (80.5k counting the IN and OF links), 53 ms per prompt; with it
+(the default: one ordered sweep over the ~1,550 Feature pairs of such a prompt, inside its transaction) 27.1k/s
+(34.2k), 136 ms per prompt; the one-statement-per-edge baseline 392/s, so 69x and 163x. Re-ingesting existing
+prompts (delete, subtract, write, add) 13.3k/s. The aggregate sweep is mostly relationship upserts (about 45 us per
+pair; a relationship-property index on a pair key measured 34 us, not worth a schema migration) and a 200k-edge
+prompt no longer fits the transaction memory pool of a 1 GiB heap with it (4.9 s without). Use
+`aggregates=False` + `aggregate.update_for_prompts` / `rebuild_aggregates` for first bulk loads and giant prompts.
 
 Transient failures (`ServiceUnavailable`, `SessionExpired`, `TransientError` such as deadlocks) make the driver's
 managed transaction (`Session.execute_write`) roll back and re-run the whole prompt with exponential back-off, up to
