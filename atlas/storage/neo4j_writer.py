@@ -34,10 +34,11 @@ collection of abandoned stages. Its only advantage is bounded transaction memory
 
 Measured (`benchmarks/neo4j_load.py`, fresh managed server, 1 GiB heap, 128 MiB page cache, after warm-up; 200
 prompts of 674 nodes and 4,000 edges, client and server on the same 2 cores): without aggregate maintenance
-(`aggregates=False`) 63.8k EDGE relationships/s (80.5k counting the IN and OF links), 53 ms per prompt; with it
-(the default: one ordered sweep over the ~1,550 Feature pairs of such a prompt, inside its transaction) 27.1k/s
-(34.2k), 136 ms per prompt; the one-statement-per-edge baseline 392/s, so 69x and 163x. Re-ingesting existing
-prompts (delete, subtract, write, add) 13.3k/s. The aggregate sweep is mostly relationship upserts (about 45 us per
+(`aggregates=False`) 63.4k EDGE relationships/s (80.0k counting the IN and OF links), 53 ms per prompt; with it
+(the default: one ordered sweep over the ~1,550 Feature pairs of such a prompt, inside its transaction) 28.6k/s
+(36.1k), 130 ms per prompt; the one-statement-per-edge baseline 454/s (whole prompts), so 63x and 140x.
+Re-ingesting existing prompts (delete, subtract, write, add) 13.6k/s. A 1 GiB page cache changed these by < 7 %.
+The aggregate sweep is mostly relationship upserts (about 45 us per
 pair; a relationship-property index on a pair key measured 34 us, not worth a schema migration) and a 200k-edge
 prompt no longer fits the transaction memory pool of a 1 GiB heap with it (4.9 s without). Use
 `aggregates=False` + `aggregate.update_for_prompts` / `rebuild_aggregates` for first bulk loads and giant prompts.
