@@ -20,9 +20,10 @@ from neo4j import Driver
 from neo4j.exceptions import ServiceUnavailable
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA, feature_key
-from atlas.storage.aggregate import aggregate_rows, rebuild_aggregates, update_for_prompts
+from atlas.storage.aggregate import aggregate_rows, pair_key, rebuild_aggregates, update_for_prompts
 from atlas.storage.graph_schema import (
     RANGE_INDEXES,
+    RELATIONSHIP_INDEXES,
     SCHEMA_VERSION,
     UNIQUE_KEYS,
     SchemaVersionError,
@@ -212,6 +213,7 @@ def test_ensure_schema_is_idempotent_and_creates_every_rule(neo4j_driver: Driver
     indexes = rules("SHOW INDEXES YIELD type, labelsOrTypes, properties WHERE type = 'RANGE' RETURN *")
     assert {(label, props) for _, label, props in UNIQUE_KEYS} <= constraints
     assert {(label, props) for _, label, props in RANGE_INDEXES} <= indexes
+    assert {(rel_type, props) for _, rel_type, props in RELATIONSHIP_INDEXES} <= indexes
     assert count_where(neo4j_driver, db, "MATCH (v:SchemaVersion) RETURN count(v)") == 1
 
 
@@ -243,6 +245,28 @@ def test_schema_migration_hook_upgrades_one_version_at_a_time(neo4j_driver: Driv
         neo4j_driver.execute_query(
             "MATCH (v:SchemaVersion) SET v.version = $v REMOVE v.migrated_from_0", v=SCHEMA_VERSION, database_=db
         )
+
+
+def test_migration_2_to_3_keys_the_aggregate_layer(
+    writer: GraphWriter, neo4j_driver: Driver, db: str, names: Names
+) -> None:
+    """A version-2 store (AGG_EDGEs without `pair`) is keyed on upgrade; later writes find those relationships."""
+    graph = make_graph(names, names.prompt("keyed"))
+    writer.write_prompt(*graph)
+    of_ours = "MATCH (f:Feature {transcoder: $tc})-[g:AGG_EDGE]->(t) "
+    pairs = neo4j_driver.execute_query(of_ours + "RETURN f.key AS f, t.key AS t, g.pair AS pair", tc=names.transcoder,
+                                       database_=db).records  # fmt: skip
+    assert pairs and all(r["pair"] == pair_key(r["f"], r["t"]) for r in pairs)
+    neo4j_driver.execute_query(of_ours + "REMOVE g.pair", tc=names.transcoder, database_=db)
+    neo4j_driver.execute_query("MATCH (v:SchemaVersion) SET v.version = 2", database_=db)
+    assert ensure_schema(neo4j_driver, db) == SCHEMA_VERSION == 3
+    keyed = neo4j_driver.execute_query(of_ours + "RETURN g.pair AS pair", tc=names.transcoder, database_=db).records
+    assert sorted(r["pair"] for r in keyed) == sorted(r["pair"] for r in pairs)
+    writer.write_prompt(*make_graph(names, names.prompt("keyed-2")))  # same pairs again: updated, not duplicated
+    incremental = aggregate_rows(neo4j_driver, db, transcoder=names.transcoder)
+    assert len(incremental) == len(pairs) and {r.n_prompts for r in incremental} == {2}
+    rebuild_aggregates(neo4j_driver, db, transcoder=names.transcoder)
+    assert aggregate_rows(neo4j_driver, db, transcoder=names.transcoder) == incremental
 
 
 def test_write_gives_expected_nodes_edges_and_shared_features(

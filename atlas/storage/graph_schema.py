@@ -22,8 +22,11 @@ Per prompt (one attribution graph; all of it replaced when the prompt is ingeste
 Aggregate layer (global, summed over all stored prompts; maintained incrementally by the writer, see
 `atlas.storage.aggregate` for the exact definitions):
 
-    (:Feature)-[:AGG_EDGE {n_prompts, n_edges, sum_weight, sum_abs_weight, mean_weight, max_abs_weight,
+    (:Feature)-[:AGG_EDGE {pair, n_prompts, n_edges, sum_weight, sum_abs_weight, mean_weight, max_abs_weight,
                            sum_weight_fx, sum_abs_weight_fx}]->(:Feature | :Token)
+
+`pair` is the relationship's key (`aggregate.pair_key`: the two node keys, length-prefixed), indexed, so an update
+finds its relationship by index seek instead of scanning the AGG_EDGE chains of dense Feature and Token nodes.
 
 Prompt metadata is free-form besides the required keys; the optional `task` (e.g. "capitals") and `run` are indexed
 for the app's overview and filters.
@@ -60,7 +63,8 @@ its model version in a singleton `(:SchemaVersion {name: "circuit-atlas", versio
 schema, then upgrades an older store one version at a time through `MIGRATIONS` (version k -> k + 1). Version 1 is
 the first; version 2 added the aggregate layer and the `Prompt(task)` index (migration 1 -> 2 builds the layer
 from the stored prompts in one transaction; for a large store use `GraphWriter(aggregates=False)` loads followed by
-`atlas.storage.aggregate.rebuild_aggregates`, which batches).
+`atlas.storage.aggregate.rebuild_aggregates`, which batches); version 3 keys each AGG_EDGE by `pair` (index
+`atlas_agg_pair`; migration 2 -> 3 sets the key on the existing layer in one transaction).
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ from neo4j.exceptions import ClientError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STORE_NAME = "circuit-atlas"
 
 # Labels and relationship types (the only places these strings are spelled out besides the Cypher below).
@@ -128,6 +132,10 @@ RANGE_INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 
 
+# Relationship property indexes, as (name, relationship type, properties).
+RELATIONSHIP_INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (("atlas_agg_pair", REL_AGG_EDGE, ("pair",)),)
+
+
 def _properties(var: str, properties: tuple[str, ...]) -> str:
     inner = ", ".join(f"{var}.{p}" for p in properties)
     return inner if len(properties) == 1 else f"({inner})"
@@ -140,6 +148,9 @@ CONSTRAINTS: tuple[str, ...] = tuple(
 INDEXES: tuple[str, ...] = tuple(
     f"CREATE INDEX {name} IF NOT EXISTS FOR (n:{label}) ON ({', '.join(f'n.{p}' for p in props)})"
     for name, label, props in RANGE_INDEXES
+) + tuple(
+    f"CREATE INDEX {name} IF NOT EXISTS FOR ()-[r:{rel_type}]-() ON ({', '.join(f'r.{p}' for p in props)})"
+    for name, rel_type, props in RELATIONSHIP_INDEXES
 )
 
 # A migration upgrades the store from version k (its key) to k + 1 inside one write transaction; the version node
@@ -154,7 +165,14 @@ def _migrate_1_to_2(tx: ManagedTransaction) -> None:
     rebuild_in_transaction(tx)
 
 
-MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2}
+def _migrate_2_to_3(tx: ManagedTransaction) -> None:
+    """Version 3: every AGG_EDGE keyed by `pair` (the index comes from `create_constraints_and_indexes`)."""
+    from atlas.storage.aggregate import set_pair_keys
+
+    set_pair_keys(tx)
+
+
+MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 # Error codes that mean "someone else created this rule first" (concurrent ensure_schema calls).
 _ALREADY_EXISTS_CODES = frozenset(
