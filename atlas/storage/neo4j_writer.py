@@ -34,14 +34,17 @@ collection of abandoned stages. Its only advantage is bounded transaction memory
 
 Measured (`benchmarks/neo4j_load.py`, fresh managed server, 1 GiB heap, 128 MiB page cache, after warm-up; 200
 prompts of 674 nodes and 4,000 edges, client and server on the same 2 cores): without aggregate maintenance
-(`aggregates=False`) 63.4k EDGE relationships/s (80.0k counting the IN and OF links), 53 ms per prompt; with it
-(the default: one ordered sweep over the ~1,550 Feature pairs of such a prompt, inside its transaction) 28.6k/s
-(36.1k), 130 ms per prompt; the one-statement-per-edge baseline 454/s (whole prompts), so 63x and 140x.
-Re-ingesting existing prompts (delete, subtract, write, add) 13.6k/s. A 1 GiB page cache changed these by < 7 %.
-The aggregate sweep is mostly relationship upserts (about 45 us per
-pair; a relationship-property index on a pair key measured 34 us, not worth a schema migration) and a 200k-edge
-prompt no longer fits the transaction memory pool of a 1 GiB heap with it (4.9 s without). Use
-`aggregates=False` + `aggregate.update_for_prompts` / `rebuild_aggregates` for first bulk loads and giant prompts.
+(`aggregates=False`) 60-63k EDGE relationships/s (76-80k counting the IN and OF links), about 55 ms per prompt;
+with it (the default: one ordered sweep over the ~1,550 Feature pairs of such a prompt, inside its transaction)
+29.1k/s (36.7k; 45.0k counting the ~1,140 AGG_EDGEs a prompt creates), 128 ms per prompt; the one-statement-per-edge
+baseline 480/s (whole prompts), so 61x and 126x. Re-ingesting existing prompts (delete, subtract, write, add)
+10.6k/s. A 1 GiB page cache changed these by < 7 %. The sweep is mostly relationship upserts, found through the
+indexed `pair` key: with a MERGE instead, which scans the AGG_EDGE chains of popular Features and Tokens, the
+per-prompt time grew from 143 to 210 ms between 200 and 900 stored prompts; keyed, it stays at about 126 ms.
+Computing the contributions on the client and sending them as parameters was slower (145 ms) than reading the
+prompt's fresh edges back. A 200k-edge prompt does not fit the transaction memory pool of a 1 GiB heap with
+aggregates on (5.0 s without). Use `aggregates=False` + `aggregate.update_for_prompts` / `rebuild_aggregates` for
+first bulk loads and giant prompts.
 
 Transient failures (`ServiceUnavailable`, `SessionExpired`, `TransientError` such as deadlocks) make the driver's
 managed transaction (`Session.execute_write`) roll back and re-run the whole prompt with exponential back-off, up to
