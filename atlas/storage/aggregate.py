@@ -127,8 +127,8 @@ CALL (f, t, found, pair) {
 
 # A pair's new state in ONE map update (`g`, its new `np` prompts and `sfx` / `safx` fixed-point sums, `n` more edges,
 # the batch's largest |weight| `new_mx` against the stored `current`): one SET of every property, derived floats
-# included, measured 14 % faster per pair than one SET per property followed by `_DERIVED`. A brand-new MERGEd
-# relationship has no properties yet, hence the coalesce(..., 0) in the callers.
+# included, measured 14 % faster per pair than one SET per property followed by `_DERIVED`. A relationship
+# `_UPSERT` has just created holds only its `pair`, hence the coalesce(..., 0) in the callers.
 _SET_ALL: LiteralString = """
 SET g += {n_prompts: np, n_edges: coalesce(g.n_edges, 0) + n, sum_weight_fx: sfx, sum_abs_weight_fx: safx,
           max_abs_weight: CASE WHEN coalesce(new_mx, -1.0) > current THEN new_mx ELSE current END,
