@@ -211,6 +211,14 @@ WITH g, n, mx AS new_mx, coalesce(g.max_abs_weight, 0.0) AS current, coalesce(g.
     + _SET_ALL
 )
 
+# Stored Prompts among $pids not aggregated yet (read without locks), in chunks of `_READ_CHUNK` ids.
+_UNAGGREGATED: LiteralString = """
+UNWIND $pids AS pid
+MATCH (p:Prompt {id: pid}) WHERE NOT coalesce(p.aggregated, false)
+RETURN p.id AS id ORDER BY id
+"""
+_READ_CHUNK = 5000
+
 # Write-lock the Prompts among $pids (sorted by the caller) and flag the ones not aggregated yet; returns those.
 _CLAIM_UNAGGREGATED: LiteralString = """
 UNWIND $pids AS pid
@@ -345,7 +353,17 @@ def update_for_prompts(
     """
     if prompts_per_tx < 1:
         raise ValueError("prompts_per_tx must be positive")
-    ids = sorted(set(prompt_ids))
+    # A lock-free read first: a rerun passes every stored prompt, nearly all aggregated already, and should not take
+    # the database-wide aggregate lock once per batch for nothing. The claim below re-checks under the lock.
+    requested = sorted(set(prompt_ids))
+    ids: list[str] = []
+    for start in range(0, len(requested), _READ_CHUNK):
+        ids += [
+            record["id"]
+            for record in driver.execute_query(
+                _UNAGGREGATED, pids=requested[start : start + _READ_CHUNK], database_=database
+            ).records
+        ]
 
     def work(tx: ManagedTransaction, pids: list[str]) -> int:
         lock_aggregates(tx)
