@@ -2,8 +2,9 @@
 
 It runs in the client process while Dask workers keep computing. For each shard it asks Neo4j which of its prompts
 are already stored (the store is the source of truth, so a reloaded shard writes nothing twice), writes the others
-one transaction per prompt, then calls `after_write` with the shard's prompt ids (the pipeline's hook adds them to
-the aggregate layer in one batch, `atlas.storage.aggregate.update_for_prompts`), and queues the shard's
+one transaction per prompt while a `BackgroundAggregator` adds the committed ones to the aggregate layer, then calls
+`after_write` with the shard's prompt ids (the pipeline's hook, `atlas.storage.aggregate.update_for_prompts`, which
+adds any the aggregator could not, e.g. after a crash or a restart of Neo4j), and queues the shard's
 statistics; `flush_stats()` merges queued statistics shards into DuckDB in one snapshot (`FeatureStatsStore` skips
 shards it has already merged, so reruns never double count). Neo4j being unreachable (a restart) is waited out:
 writes are retried with back-off for up to `retry_s` seconds.
@@ -24,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from neo4j.exceptions import ServiceUnavailable, SessionExpired, TransientError
 
+from atlas.storage.aggregate import AggregateBacklogError, BackgroundAggregator
 from atlas.storage.feature_stats import FeatureStatsStore
 from atlas.storage.neo4j_writer import GraphWriter
 
@@ -120,16 +122,26 @@ class StoreLoader:
         if todo:
             nodes = pq.read_table(shard / "nodes.parquet")
             edges = pq.read_table(shard / "edges.parquet")
-            for pid in todo:
-                prompt_nodes = nodes.filter(pc.equal(nodes.column("prompt_id"), pid))
-                prompt_edges = edges.filter(pc.equal(edges.column("prompt_id"), pid))
+            # The aggregate layer follows on a second server thread while the next prompts are written
+            # (`GraphWriter.write_prompts(pipelined=True)` does the same); leaving the block waits for it.
+            aggregator = BackgroundAggregator(self.writer.driver, database=self.writer.database)
+            try:
+                with aggregator:
+                    for pid in todo:
+                        prompt_nodes = nodes.filter(pc.equal(nodes.column("prompt_id"), pid))
+                        prompt_edges = edges.filter(pc.equal(edges.column("prompt_id"), pid))
 
-                def write(pid: str = pid, n: Any = prompt_nodes, e: Any = prompt_edges) -> Any:
-                    return self.writer.write_prompt(metas[pid], n, e)
+                        def write(pid: str = pid, n: Any = prompt_nodes, e: Any = prompt_edges) -> Any:
+                            return self.writer.write_prompt(metas[pid], n, e, aggregator=aggregator)
 
-                result = retrying(write, retry_s=self.retry_s, what=f"write prompt {pid}", on_retry=self._retry_note)
-                n_nodes += result.n_nodes
-                n_edges += result.n_edges
+                        result = retrying(write, retry_s=self.retry_s, what=f"write prompt {pid}",
+                                          on_retry=self._retry_note)  # fmt: skip
+                        n_nodes += result.n_nodes
+                        n_edges += result.n_edges
+            except AggregateBacklogError as err:
+                if self.after_write is None:
+                    raise
+                log.warning("%s; the aggregate hook below adds them", err)  # it is retried, and idempotent
         if self.after_write is not None:
             # Every prompt of the shard, not only those written now: after a crash between the write and this call,
             # the resumed run skips the stored prompts but must still aggregate them (the hook is idempotent).

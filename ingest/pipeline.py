@@ -338,7 +338,7 @@ def run_ingest(
     driver = GraphDatabase.driver(conn.uri, auth=(conn.user, conn.password))
     client = cluster = None
     try:
-        writer = GraphWriter(driver, conn.database)  # aggregates maintained in each prompt's transaction
+        writer = GraphWriter(driver, conn.database)  # the loader aggregates in the background
         stats = FeatureStatsStore(stats_path)
         aggregate_hook = _aggregate_hook(driver, conn.database)
         loader = StoreLoader(writer, stats, retry_s=options.neo4j_retry_s, stats_every_s=options.stats_every_s,

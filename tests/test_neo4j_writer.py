@@ -20,7 +20,14 @@ from neo4j import Driver
 from neo4j.exceptions import ServiceUnavailable
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA, feature_key
-from atlas.storage.aggregate import aggregate_rows, pair_key, rebuild_aggregates, update_for_prompts
+from atlas.storage.aggregate import (
+    AggregateBacklogError,
+    BackgroundAggregator,
+    aggregate_rows,
+    pair_key,
+    rebuild_aggregates,
+    update_for_prompts,
+)
 from atlas.storage.graph_schema import (
     RANGE_INDEXES,
     RELATIONSHIP_INDEXES,
@@ -541,6 +548,18 @@ def test_write_prompts_on_two_threads(writer: GraphWriter, neo4j_driver: Driver,
     assert count_where(neo4j_driver, db, "MATCH (f:Feature {key: $k})<-[:OF]-(a) RETURN count(a)", k=shared) == 6
 
 
+def _random_graph(names: Names, rng: np.random.Generator, name: str, shift: int) -> Graph:
+    """Features recur across prompts (few distinct keys), some at two positions of one prompt; random DAG edges."""
+    feats = sorted({(int(rng.integers(0, 3)), int(rng.integers(0, 3)), int(rng.integers(0, 4)) + shift % 2,
+                     float(rng.uniform(0.1, 2))) for _ in range(6)}, key=lambda f: f[:3])  # fmt: skip
+    feats = list({f[:3]: f for f in feats}.values())
+    n = len(feats) + 2 + 3 + 2
+    edges = sorted({(int(s), int(t)) for s, t in rng.integers(0, n, (25, 2)) if s < t})
+    weighted = [(s, t, float(np.float32(rng.normal(0, 0.3)))) for s, t in edges]
+    return make_graph(names, names.prompt(name), features=feats, edges=weighted,
+                      logits=((404, " Paris", 0.5, 1.0), (505, " Rome", 0.25, 0.5)))  # fmt: skip
+
+
 def test_aggregates_stay_exact_through_writes_replacements_and_deletes(
     neo4j_driver: Driver, db: str, names: Names
 ) -> None:
@@ -549,15 +568,7 @@ def test_aggregates_stay_exact_through_writes_replacements_and_deletes(
     rng = np.random.default_rng(3)
 
     def random_graph(name: str, shift: int) -> Graph:
-        # Features recur across prompts (few distinct keys), some at two positions of one prompt; random DAG edges.
-        feats = sorted({(int(rng.integers(0, 3)), int(rng.integers(0, 3)), int(rng.integers(0, 4)) + shift % 2,
-                         float(rng.uniform(0.1, 2))) for _ in range(6)}, key=lambda f: f[:3])  # fmt: skip
-        feats = list({f[:3]: f for f in feats}.values())
-        n = len(feats) + 2 + 3 + 2
-        edges = sorted({(int(s), int(t)) for s, t in rng.integers(0, n, (25, 2)) if s < t})
-        weighted = [(s, t, float(np.float32(rng.normal(0, 0.3)))) for s, t in edges]
-        return make_graph(names, names.prompt(name), features=feats, edges=weighted,
-                          logits=((404, " Paris", 0.5, 1.0), (505, " Rome", 0.25, 0.5)))  # fmt: skip
+        return _random_graph(names, rng, name, shift)
 
     graphs = {f"p{i}": random_graph(f"p{i}", i) for i in range(6)}
     for g in graphs.values():
@@ -630,3 +641,44 @@ def test_aggregates_stay_exact_through_writes_replacements_and_deletes(
     for meta, _, _ in stored:
         writer.delete_prompt(meta["id"])
     assert aggregate_rows(neo4j_driver, db, transcoder=names.transcoder) == []
+
+
+def test_pipelined_writes_leave_the_layer_equal_to_a_rebuild(neo4j_driver: Driver, db: str, names: Names) -> None:
+    """`write_prompts` adds prompts on the background aggregator; replacements, also of a prompt that may still be
+    queued, and re-ingests of aggregated prompts keep the layer exact, and every prompt is aggregated on return."""
+    writer = GraphWriter(neo4j_driver, db, batch_size=7)
+    rng = np.random.default_rng(11)
+    first = [_random_graph(names, rng, f"r{i}", i) for i in range(8)]
+    writer.write_prompts(first, workers=2)
+    again = _random_graph(names, rng, "r3", 5)  # replaces an aggregated prompt, with other edges
+    s0_a, s0_b = _random_graph(names, rng, "s0", 0), _random_graph(names, rng, "s0", 1)  # s0_b replaces s0_a
+    s1 = _random_graph(names, rng, "s1", 2)
+    writer.write_prompts([first[0], again, s0_a, s0_b, s1])
+    final = [*first[:3], again, *first[4:], s0_b, s1]
+    ids = [g[0]["id"] for g in final]
+    flags = neo4j_driver.execute_query(
+        "UNWIND $ids AS id MATCH (p:Prompt {id: id}) RETURN p.aggregated AS a", ids=ids, database_=db
+    ).records
+    assert len(flags) == len(ids) and all(r["a"] is True for r in flags)
+    assert update_for_prompts(neo4j_driver, ids, database=db) == 0  # nothing was left for the ingest hook
+    pipelined = aggregate_rows(neo4j_driver, db, transcoder=names.transcoder)
+    rebuild_aggregates(neo4j_driver, db, transcoder=names.transcoder)
+    assert pipelined and pipelined == aggregate_rows(neo4j_driver, db, transcoder=names.transcoder)
+    # The layer does not depend on the mode: the final versions written with in-transaction maintenance give it too.
+    for prompt_id in ids:
+        writer.delete_prompt(prompt_id)
+    assert aggregate_rows(neo4j_driver, db, transcoder=names.transcoder) == []
+    writer.write_prompts(final, pipelined=False)
+    assert aggregate_rows(neo4j_driver, db, transcoder=names.transcoder) == pipelined
+
+
+def test_background_aggregator_names_the_prompts_it_could_not_add(neo4j_driver: Driver) -> None:
+    aggregator = BackgroundAggregator(neo4j_driver, database="no-such-database")
+    aggregator.submit("prompt-a")
+    aggregator.submit("prompt-b")
+    with pytest.raises(AggregateBacklogError, match="2 written prompt") as caught:
+        aggregator.drain()
+    assert caught.value.prompt_ids == ["prompt-a", "prompt-b"]
+    aggregator.close()  # the backlog was reported once; closing stops the thread
+    with pytest.raises(RuntimeError, match="closed"):
+        aggregator.submit("prompt-c")

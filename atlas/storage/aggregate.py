@@ -57,6 +57,9 @@ This module must not write prompt graphs (that is `neo4j_writer`), nor read Parq
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -65,6 +68,8 @@ from typing import Any, LiteralString
 from neo4j import Driver, ManagedTransaction
 
 from atlas.storage.graph_schema import STORE_NAME
+
+log = logging.getLogger(__name__)
 
 AGG_EDGE = "AGG_EDGE"
 FIXED_POINT_SCALE = 4294967296.0  # 2^32: one unit of the integer sums is 2^-32 of a weight unit
@@ -377,6 +382,141 @@ def update_for_prompts(
         for start in range(0, len(ids), prompts_per_tx):
             added += session.execute_write(work, ids[start : start + prompts_per_tx])
     return added
+
+
+class AggregateBacklogError(RuntimeError):
+    """Prompts were written but could not be added to the aggregate layer; they stay flagged `aggregated: false`, and
+    `update_for_prompts` (idempotent) adds them once the cause is gone. Nothing stored is lost or counted twice."""
+
+    def __init__(self, prompt_ids: list[str], cause: BaseException) -> None:
+        self.prompt_ids = prompt_ids
+        super().__init__(
+            f"{len(prompt_ids)} written prompt(s) are not in the aggregate layer yet ({type(cause).__name__}: "
+            f"{cause}); update_for_prompts(driver, ids) adds them (idempotent), e.g. {prompt_ids[:3]}"
+        )
+
+
+class BackgroundAggregator:
+    """Adds committed prompts to the aggregate layer on a thread of its own, in batches, while the caller writes more.
+
+    `submit(prompt_id)` after a prompt's graph transaction committed (`GraphWriter.write_prompt(..., aggregator=)`
+    does it); the thread takes whatever has queued up, up to `max_batch` prompts, and adds it with
+    `update_for_prompts` (one transaction per batch). The server then runs a graph write and an aggregate sweep at
+    once, on two cores, where in-transaction maintenance runs them one after the other on one. `drain()` waits until
+    every submitted prompt is added; `close()` (or leaving the `with` block) drains and stops the thread.
+
+    Exactness is that of `update_for_prompts`: the layer always equals the sum over the prompts flagged
+    `aggregated`, and lags the prompts still queued. A batch that fails (the server restarting, say) is retried once
+    by `drain()` in the caller's thread; if that fails too, `drain()` raises `AggregateBacklogError` naming the
+    prompts, which stay un-aggregated (never half-added: a batch is one transaction) for a later
+    `update_for_prompts`.
+    """
+
+    def __init__(self, driver: Driver, *, database: str = "neo4j", max_batch: int = 16) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be positive")
+        self.driver = driver
+        self.database = database
+        self.max_batch = max_batch
+        self.added = 0  # prompts this aggregator added to the layer
+        self.batches = 0
+        self.seconds = 0.0  # time spent in update transactions, on the aggregator's thread
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._failed: list[str] = []
+        self._error: BaseException | None = None
+        self._closed = False
+
+    def submit(self, prompt_id: str) -> None:
+        """Queue a committed prompt for the layer (returns at once)."""
+        if self._closed:
+            raise RuntimeError("this BackgroundAggregator is closed")
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="atlas-aggregator", daemon=True)
+                self._thread.start()
+        self._queue.put(prompt_id)
+
+    def drain(self) -> int:
+        """Wait until every submitted prompt is added; returns how many this aggregator has added so far."""
+        self._queue.join()
+        with self._lock:
+            failed, error = self._failed, self._error
+            self._failed, self._error = [], None
+        if failed:
+            assert error is not None
+            log.warning("aggregate update of %d prompts failed (%s); retrying once", len(failed), error)
+            try:
+                self.added += update_for_prompts(
+                    self.driver, failed, database=self.database, prompts_per_tx=self.max_batch
+                )
+            except Exception as exc:
+                raise AggregateBacklogError(sorted(failed), exc) from exc
+        return self.added
+
+    def close(self) -> None:
+        """Drain, then stop the thread (idempotent)."""
+        if self._closed:
+            return
+        try:
+            self.drain()
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> BackgroundAggregator:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the caller failed: still add what it committed, but do not mask its error
+            self.drain()
+        except Exception as drain_error:
+            log.warning("%s", drain_error)
+        finally:
+            self._stop()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                self._queue.task_done()
+                return
+            batch, stop = [first], False
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            started = time.perf_counter()
+            try:
+                added = update_for_prompts(self.driver, batch, database=self.database, prompts_per_tx=self.max_batch)
+                with self._lock:
+                    self.added += added
+                    self.batches += 1
+            except Exception as exc:  # kept for drain(): the prompts stay un-aggregated, nothing is half-added
+                with self._lock:
+                    self._failed += batch
+                    self._error = self._error or exc
+            finally:
+                self.seconds += time.perf_counter() - started
+                for _ in range(len(batch) + stop):
+                    self._queue.task_done()
+            if stop:
+                return
 
 
 def set_pair_keys(tx: ManagedTransaction) -> None:
