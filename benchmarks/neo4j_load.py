@@ -45,7 +45,7 @@ from neo4j import Driver, GraphDatabase
 from neo4j.exceptions import TransientError
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA, feature_key
-from atlas.storage.aggregate import update_for_prompts
+from atlas.storage.aggregate import AggregateBacklogError, node_hash, update_for_prompts
 from atlas.storage.graph_schema import ensure_schema, token_key
 from atlas.storage.neo4j_server import LocalNeo4jServer, Neo4jConnection, resolve_connection
 from atlas.storage.neo4j_writer import GraphWriter
@@ -149,12 +149,14 @@ def synthetic_prompt(
 
 _NAIVE_INPUT_TOKEN = (
     "MATCH (p:Prompt {id: $pid}) MERGE (t:Token {key: $key}) ON CREATE SET t.model = $model, t.id = $tid, "
-    "t.text = $text CREATE (n:InputToken:Instance {prompt_id: $pid, node_index: $i, node_id: $nid, position: $pos, "
+    "t.text = $text, t.h = $h CREATE (n:InputToken:Instance {prompt_id: $pid, node_index: $i, node_id: $nid, "
+    "position: $pos, "
     "token_id: $tid, influence: $inf})-[:IN]->(p), (n)-[:OF]->(t)"
 )
 _NAIVE_LOGIT = (
     "MATCH (p:Prompt {id: $pid}) MERGE (t:Token {key: $key}) ON CREATE SET t.model = $model, t.id = $tid, "
-    "t.text = $text CREATE (n:LogitTarget:Instance {prompt_id: $pid, node_index: $i, node_id: $nid, position: $pos, "
+    "t.text = $text, t.h = $h CREATE (n:LogitTarget:Instance {prompt_id: $pid, node_index: $i, node_id: $nid, "
+    "position: $pos, "
     "token_id: $tid, label: $text, probability: $prob, logit: $act, influence: $inf})-[:IN]->(p), (n)-[:OF]->(t)"
 )
 
@@ -184,11 +186,12 @@ class NaiveWriter:
                 if kind == "feature":
                     s.run(
                         "MATCH (p:Prompt {id: $pid}) MERGE (f:Feature {key: $key}) "
-                        "ON CREATE SET f.transcoder = $tc, f.layer = $layer, f.index = $feature "
+                        "ON CREATE SET f.transcoder = $tc, f.layer = $layer, f.index = $feature, f.h = $h "
                         "CREATE (n:FeatureActivation:Instance {prompt_id: $pid, node_index: $i, node_id: $nid, "
                         "layer: $layer, position: $pos, activation: $act, influence: $inf})-[:IN]->(p), "
                         "(n)-[:OF]->(f)",
-                        key=r["feature_key"], tc=meta["transcoder"], layer=r["layer"], feature=r["feature"], **common,
+                        key=r["feature_key"], tc=meta["transcoder"], layer=r["layer"], feature=r["feature"],
+                        h=node_hash(r["feature_key"]), **common,
                     ).consume()  # fmt: skip
                 elif kind == "error":
                     s.run(
@@ -200,6 +203,7 @@ class NaiveWriter:
                     s.run(
                         _NAIVE_INPUT_TOKEN if kind == "token" else _NAIVE_LOGIT,
                         key=token_key(meta["model"], r["token_id"]), model=meta["model"], tid=r["token_id"],
+                        h=node_hash(token_key(meta["model"], r["token_id"])),
                         text=r["token"], prob=r["probability"], **common,
                     ).consume()  # fmt: skip
             nodes_done = time.perf_counter()
@@ -272,11 +276,16 @@ def rel_counts(graphs: list[tuple[dict[str, Any], pa.Table, pa.Table]]) -> tuple
 
 
 def timed_write(
-    writer: GraphWriter, graphs: list[tuple[dict[str, Any], pa.Table, pa.Table]], workers: int, what: str
+    writer: GraphWriter,
+    graphs: list[tuple[dict[str, Any], pa.Table, pa.Table]],
+    workers: int,
+    what: str,
+    *,
+    pipelined: bool = True,
 ) -> float:
     """Write `graphs`, print the rates; return EDGE relationships/s."""
     started = time.perf_counter()
-    results = writer.write_prompts(graphs, workers=workers)
+    results = writer.write_prompts(graphs, workers=workers, pipelined=pipelined)
     seconds = time.perf_counter() - started
     nodes, edges, rels = rel_counts(graphs)
     latencies = [r.seconds for r in results]
@@ -348,6 +357,7 @@ def main() -> None:
     warm = [synthetic_prompt(rng, f"bench-warm-{i}", **shape) for i in range(args.warmup)]
     ours = [synthetic_prompt(rng, f"bench-ours-{i}", **shape) for i in range(args.prompts)]
     ours2 = [synthetic_prompt(rng, f"bench-ours2-{i}", **shape) for i in range(args.prompts)]
+    in_tx = [synthetic_prompt(rng, f"bench-intx-{i}", **shape) for i in range(args.prompts)]
     plain = [synthetic_prompt(rng, f"bench-plain-{i}", **shape) for i in range(args.prompts)]
     naive = [synthetic_prompt(rng, f"bench-naive-{i}", **shape) for i in range(args.naive_prompts)]
     nodes0, edges0 = ours[0][1], ours[0][2]
@@ -356,7 +366,7 @@ def main() -> None:
     shared = len(set().union(*(set(g[1].column("feature_key").drop_null().to_pylist()) for g in ours)))
     n_nodes, n_edges, _ = rel_counts(ours)
     print(
-        f"generated {len(warm) + len(ours) + len(ours2) + len(plain) + len(naive)} prompts in "
+        f"generated {len(warm) + len(ours) + len(ours2) + len(in_tx) + len(plain) + len(naive)} prompts in "
         f"{time.perf_counter() - started:.1f} s;"
         f" per prompt {n_nodes / len(ours):.0f} nodes ({args.features} features, {args.errors} errors, "
         f"{args.positions} tokens, 10 logits; {args.layers} layers), {n_edges / len(ours):.0f} edges; "
@@ -378,7 +388,11 @@ def main() -> None:
             agg_before = count_aggregates(driver, db)
             ours_started = time.perf_counter()
             ours_rate = timed_write(
-                writer, ours, 1, "GraphWriter, 1 writer (one transaction per prompt, aggregates on)"
+                writer,
+                ours,
+                1,
+                "GraphWriter.write_prompts, the default: 1 writer (one transaction per prompt), "
+                "aggregates added by the background aggregator, timed until all are in",
             )
             ours_seconds = time.perf_counter() - ours_started
             agg_created = count_aggregates(driver, db) - agg_before
@@ -387,7 +401,12 @@ def main() -> None:
                 f"the rest of the pairs it touched existed); counting them, relationships created/s "
                 f"{(rel_counts(ours)[2] + agg_created) / ours_seconds:,.0f}"
             )
-            timed_write(writer, ours2, 2, "GraphWriter, 2 writer threads (aggregates on)")
+            in_tx_rate = timed_write(
+                writer, in_tx, 1, "GraphWriter, 1 writer, aggregates maintained INSIDE each prompt's transaction "
+                "(write_prompts(pipelined=False))", pipelined=False
+            )  # fmt: skip
+            print(f"  pipelined / in-transaction, EDGE relationships/s: {ours_rate / in_tx_rate:.2f}x")
+            timed_write(writer, ours2, 2, "GraphWriter, 2 writer threads (aggregates pipelined)")
             deferred_started = time.perf_counter()
             plain_rate = timed_write(
                 GraphWriter(driver, db, batch_size=args.batch_size, aggregates=False), plain, 1,
@@ -406,8 +425,9 @@ def main() -> None:
                 f"; all relationships/s (EDGE+IN+OF) {plain_rels / total_seconds:,.0f}"
             )
             print(
-                f"  in-transaction aggregate maintenance costs {plain_rate / ours_rate:.2f}x in EDGE relationships/s;"
-                f" deferred, {plain_rate / (plain_edges / total_seconds):.2f}x"
+                f"  aggregate maintenance costs, in EDGE relationships/s: pipelined {plain_rate / ours_rate:.2f}x, "
+                f"in-transaction {plain_rate / in_tx_rate:.2f}x, "
+                f"deferred {plain_rate / (plain_edges / total_seconds):.2f}x"
             )
             counts = writer.store_counts()
             print(f"  store: {counts}")
@@ -423,17 +443,20 @@ def main() -> None:
                 big_shape = dict(shape, n_features=max(args.features, args.big_edges // 10), n_edges=args.big_edges)
                 big_shape["n_errors"] = min(args.layers * args.positions, big_shape["n_features"])
                 big = synthetic_prompt(rng, "bench-big", **big_shape)
-                for aggregates in (True, False):
-                    big_writer = GraphWriter(driver, db, batch_size=args.batch_size, aggregates=aggregates)
+                for mode in ("in-transaction", "pipelined", "off"):
+                    big_writer = GraphWriter(driver, db, batch_size=args.batch_size, aggregates=mode != "off")
+                    started = time.perf_counter()
                     try:
-                        result = big_writer.write_prompt(*big)
-                    except TransientError as exc:  # e.g. the transaction memory pool is too small for it
-                        print(f"one large prompt, aggregates {'on' if aggregates else 'off'}: FAILED ({exc.message})")
+                        result = big_writer.write_prompts([big], pipelined=mode == "pipelined")[0]
+                    except (TransientError, AggregateBacklogError) as exc:  # e.g. a too small transaction memory pool
+                        print(f"one large prompt, aggregates {mode}: FAILED ({exc})")
+                        cleanup(driver, db)
                         continue
+                    seconds = time.perf_counter() - started
                     print(
-                        f"one large prompt in one transaction, aggregates {'on' if aggregates else 'off'}: "
-                        f"{result.n_nodes} nodes, {result.n_edges} edges in {result.seconds:.2f} s "
-                        f"({result.n_edges / result.seconds:,.0f} EDGE relationships/s)"
+                        f"one large prompt (its graph in one transaction), aggregates {mode}: "
+                        f"{result.n_nodes} nodes, {result.n_edges} edges in {seconds:.2f} s "
+                        f"({result.n_edges / seconds:,.0f} EDGE relationships/s)"
                     )
                     cleanup(driver, db)
     print(f"end: {load_average()}")

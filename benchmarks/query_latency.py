@@ -36,7 +36,7 @@ import pyarrow.csv as pcsv
 from neo4j import GraphDatabase
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA, feature_key
-from atlas.storage.aggregate import rebuild_aggregates
+from atlas.storage.aggregate import node_hash, rebuild_aggregates
 from atlas.storage.graph_schema import SCHEMA_VERSION, ensure_schema
 from atlas.storage.neo4j_server import NEO4J_ADMIN_MAIN_CLASS, LocalNeo4jServer, find_java
 from atlas.storage.neo4j_writer import GraphWriter
@@ -189,6 +189,9 @@ def write_import_csvs(graphs: list[Graph], out: Path) -> list[str]:
                          "index:int": feats.column("feature")}).group_by(["key:ID(Feature)", "layer:int",
                                                                           "index:int"]).aggregate([])  # fmt: skip
     features = features.append_column("transcoder", pa.array([TRANSCODER] * features.num_rows))
+    features = features.append_column(
+        "h:long", pa.array([node_hash(k) for k in features.column("key:ID(Feature)").to_pylist()], pa.int64())
+    )
     linked = pa.concat_tables([toks.select(["token_id", "token", "iid"]), logs.select(["token_id", "token", "iid"])])
     token_keys = pc.binary_join_element_wise(pa.scalar(MODEL), pc.cast(linked.column("token_id"), pa.string()), "/")
     tokens = pa.table(
@@ -200,6 +203,9 @@ def write_import_csvs(graphs: list[Graph], out: Path) -> list[str]:
         .rename_columns(["key:ID(Token)", "id:int", "text"])
     )
     tokens = tokens.append_column("model", pa.array([MODEL] * tokens.num_rows))
+    tokens = tokens.append_column(
+        "h:long", pa.array([node_hash(k) for k in tokens.column("key:ID(Token)").to_pylist()], pa.int64())
+    )
     prompts = pa.table({
         "id:ID(Prompt)": [g[0]["id"] for g in graphs], "text": [g[0]["text"] for g in graphs],
         "model": [MODEL] * len(graphs), "transcoder": [TRANSCODER] * len(graphs), "run": ["bench"] * len(graphs),

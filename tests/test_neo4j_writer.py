@@ -24,6 +24,7 @@ from atlas.storage.aggregate import (
     AggregateBacklogError,
     BackgroundAggregator,
     aggregate_rows,
+    node_hash,
     pair_key,
     rebuild_aggregates,
     update_for_prompts,
@@ -254,24 +255,58 @@ def test_schema_migration_hook_upgrades_one_version_at_a_time(neo4j_driver: Driv
         )
 
 
-def test_migration_2_to_3_keys_the_aggregate_layer(
+def test_migration_3_to_4_hashes_nodes_and_rekeys_the_aggregate_layer(
     writer: GraphWriter, neo4j_driver: Driver, db: str, names: Names
 ) -> None:
-    """A version-2 store (AGG_EDGEs without `pair`) is keyed on upgrade; later writes find those relationships."""
+    """A version-3 store (string pair keys, stored float sums, nodes without `h`) is converted on upgrade; later
+    writes find and update those relationships instead of duplicating them."""
     graph = make_graph(names, names.prompt("keyed"))
     writer.write_prompt(*graph)
     of_ours = "MATCH (f:Feature {transcoder: $tc})-[g:AGG_EDGE]->(t) "
     pairs = neo4j_driver.execute_query(of_ours + "RETURN f.key AS f, t.key AS t, g.pair AS pair", tc=names.transcoder,
                                        database_=db).records  # fmt: skip
     assert pairs and all(r["pair"] == pair_key(r["f"], r["t"]) for r in pairs)
-    neo4j_driver.execute_query(of_ours + "REMOVE g.pair", tc=names.transcoder, database_=db)
-    neo4j_driver.execute_query("MATCH (v:SchemaVersion) SET v.version = 2", database_=db)
-    assert ensure_schema(neo4j_driver, db) == SCHEMA_VERSION == 3
-    keyed = neo4j_driver.execute_query(of_ours + "RETURN g.pair AS pair", tc=names.transcoder, database_=db).records
-    assert sorted(r["pair"] for r in keyed) == sorted(r["pair"] for r in pairs)
+    # Back to the version-3 layout: string keys, stored float sums, no node hashes.
+    neo4j_driver.execute_query(
+        of_ours + "SET g.pair = toString(size(f.key)) + ':' + f.key + '>' + t.key, "
+        "g.sum_weight = toFloat(g.sum_weight_fx) / 2.0 ^ 32, g.sum_abs_weight = 1.0, g.mean_weight = 1.0 "
+        "REMOVE f.h, t.h",
+        tc=names.transcoder, database_=db,
+    )  # fmt: skip
+    neo4j_driver.execute_query("MATCH (v:SchemaVersion) SET v.version = 3", database_=db)
+    assert ensure_schema(neo4j_driver, db) == SCHEMA_VERSION == 4
+    after = neo4j_driver.execute_query(
+        of_ours + "RETURN f.key AS f, t.key AS t, f.h AS fh, t.h AS th, g.pair AS pair, keys(g) AS props",
+        tc=names.transcoder, database_=db,
+    ).records  # fmt: skip
+    assert sorted(r["pair"] for r in after) == sorted(r["pair"] for r in pairs)
+    assert all(r["fh"] == node_hash(r["f"]) and r["th"] == node_hash(r["t"]) for r in after)
+    assert all(
+        set(r["props"]) == {"pair", "n_prompts", "n_edges", "sum_weight_fx", "sum_abs_weight_fx", "max_abs_weight"}
+        for r in after
+    )
     writer.write_prompt(*make_graph(names, names.prompt("keyed-2")))  # same pairs again: updated, not duplicated
     incremental = aggregate_rows(neo4j_driver, db, transcoder=names.transcoder)
     assert len(incremental) == len(pairs) and {r.n_prompts for r in incremental} == {2}
+    rebuild_aggregates(neo4j_driver, db, transcoder=names.transcoder)
+    assert aggregate_rows(neo4j_driver, db, transcoder=names.transcoder) == incremental
+
+
+def test_pair_keys_that_collide_stay_apart(writer: GraphWriter, neo4j_driver: Driver, db: str, names: Names) -> None:
+    """Two Features with the same hash give two pairs with one key: each update still finds its own relationship."""
+    graph = make_graph(names, names.prompt("collide"))
+    writer.write_prompt(*graph)
+    neo4j_driver.execute_query(  # every Feature and Token of ours now hashes to 7: all their pairs share one key
+        "MATCH (n) WHERE (n:Feature AND n.transcoder = $tc) OR (n:Token AND n.model = $model) SET n.h = 7",
+        tc=names.transcoder, model=names.model, database_=db,
+    )  # fmt: skip
+    rebuild_aggregates(neo4j_driver, db, transcoder=names.transcoder)
+    rows = aggregate_rows(neo4j_driver, db, transcoder=names.transcoder)
+    assert len(rows) > 2
+    writer.write_prompt(*make_graph(names, names.prompt("collide-2")))
+    incremental = aggregate_rows(neo4j_driver, db, transcoder=names.transcoder)
+    assert [(r.source_key, r.target_key) for r in incremental] == [(r.source_key, r.target_key) for r in rows]
+    assert {r.n_prompts for r in incremental} == {2}
     rebuild_aggregates(neo4j_driver, db, transcoder=names.transcoder)
     assert aggregate_rows(neo4j_driver, db, transcoder=names.transcoder) == incremental
 

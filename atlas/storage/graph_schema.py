@@ -4,9 +4,10 @@ Global identity nodes (shared by every prompt, MERGEd on their key, never delete
 
     (:Model {name})
     (:Transcoder {id, model})-[:FOR]->(:Model)
-    (:Feature {key, transcoder, layer, index, label?})        key = "{transcoder}/{layer}/{index}" (graph.feature_key)
-    (:Token {key, model, id, text})                          a vocabulary item; key = "{model}/{id}", because token
+    (:Feature {key, transcoder, layer, index, h, label?})     key = "{transcoder}/{layer}/{index}" (graph.feature_key)
+    (:Token {key, model, id, text, h})                       a vocabulary item; key = "{model}/{id}", because token
                                                              ids are only meaningful within one model's vocabulary
+                                                             (h: a 31-bit hash of the key, `aggregate.node_hash`)
 
 Per prompt (one attribution graph; all of it replaced when the prompt is ingested again):
 
@@ -22,11 +23,13 @@ Per prompt (one attribution graph; all of it replaced when the prompt is ingeste
 Aggregate layer (global, summed over all stored prompts; maintained incrementally by the writer, see
 `atlas.storage.aggregate` for the exact definitions):
 
-    (:Feature)-[:AGG_EDGE {pair, n_prompts, n_edges, sum_weight, sum_abs_weight, mean_weight, max_abs_weight,
-                           sum_weight_fx, sum_abs_weight_fx}]->(:Feature | :Token)
+    (:Feature)-[:AGG_EDGE {pair, n_prompts, n_edges, sum_weight_fx, sum_abs_weight_fx, max_abs_weight}]->
+        (:Feature | :Token)
 
-`pair` is the relationship's key (`aggregate.pair_key`: the two node keys, length-prefixed), indexed, so an update
-finds its relationship by index seek instead of scanning the AGG_EDGE chains of dense Feature and Token nodes.
+`pair` is the relationship's key (`aggregate.pair_key`: `f.h * 2^31 + t.h`), indexed, so an update finds its
+relationship by index seek instead of scanning the AGG_EDGE chains of dense Feature and Token nodes. The sums are
+fixed point: sum_abs_weight = sum_abs_weight_fx / 2^32 (`aggregate.AGG_VALUES` projects them as floats, with
+mean_weight = sum_weight / n_prompts).
 
 Prompt metadata is free-form besides the required keys; the optional `task` (e.g. "capitals") and `run` are indexed
 for the app's overview and filters.
@@ -52,7 +55,8 @@ Queries for the Neo4j Browser (anchor on indexed keys):
     MATCH (f:Feature {key: $key})<-[:OF]-(a:FeatureActivation)-[e:EDGE]->(b)
     RETURN a.prompt_id, a.position, a.activation, b.node_id, e.weight ORDER BY abs(e.weight) DESC LIMIT 25
     // the features driving a logit token across prompts (aggregate layer), strongest first
-    MATCH (t:Token {key: $token_key})<-[g:AGG_EDGE]-(f:Feature) RETURN f.key, g ORDER BY g.sum_abs_weight DESC LIMIT 25
+    MATCH (t:Token {key: $token_key})<-[g:AGG_EDGE]-(f:Feature)
+    RETURN f.key, g.n_prompts, g.sum_abs_weight_fx / 2.0 ^ 32 AS sum_abs_weight ORDER BY sum_abs_weight DESC LIMIT 25
     // paths of up to 4 strong edges from a feature to the logit targets of the same prompt
     MATCH (f:Feature {key: $key})<-[:OF]-(a:FeatureActivation)
     MATCH p = (a)(()-[r:EDGE WHERE abs(r.weight) > $w]->()){1,4}(t:LogitTarget)
@@ -64,7 +68,9 @@ schema, then upgrades an older store one version at a time through `MIGRATIONS` 
 the first; version 2 added the aggregate layer and the `Prompt(task)` index (migration 1 -> 2 builds the layer
 from the stored prompts in one transaction; for a large store use `GraphWriter(aggregates=False)` loads followed by
 `atlas.storage.aggregate.rebuild_aggregates`, which batches); version 3 keys each AGG_EDGE by `pair` (index
-`atlas_agg_pair`; migration 2 -> 3 sets the key on the existing layer in one transaction).
+`atlas_agg_pair`; migration 2 -> 3 sets the key on the existing layer in one transaction); version 4 gives Features
+and Tokens their hash `h`, makes `pair` an integer built from the two hashes and stops storing the float sums
+(migration 3 -> 4 does all three in one transaction).
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ from neo4j.exceptions import ClientError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STORE_NAME = "circuit-atlas"
 
 # Labels and relationship types (the only places these strings are spelled out besides the Cypher below).
@@ -172,7 +178,14 @@ def _migrate_2_to_3(tx: ManagedTransaction) -> None:
     set_pair_keys(tx)
 
 
-MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+def _migrate_3_to_4(tx: ManagedTransaction) -> None:
+    """Version 4: node hashes `h`, integer `pair` keys, no stored float sums on AGG_EDGE."""
+    from atlas.storage.aggregate import hash_and_slim
+
+    hash_and_slim(tx)
+
+
+MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 # Error codes that mean "someone else created this rule first" (concurrent ensure_schema calls).
 _ALREADY_EXISTS_CODES = frozenset(

@@ -111,9 +111,11 @@ RETURN was_aggregated
 _CREATE_TOKEN_LINKED: LiteralString = """
 MATCH (p:Prompt {id: $pid})
 WITH p, split($i, ',') AS i, split($position, ',') AS position, split($token_id, ',') AS token_id,
-     split($probability, ',') AS probability, split($logit, ',') AS logit, split($influence, ',') AS influence
+     split($probability, ',') AS probability, split($logit, ',') AS logit, split($influence, ',') AS influence,
+     split($h, ',') AS h
 UNWIND range(0, $n - 1) AS k
-MERGE (t:Token {key: $key[k]}) ON CREATE SET t.model = $model, t.id = toInteger(token_id[k]), t.text = $text[k]
+MERGE (t:Token {key: $key[k]})
+  ON CREATE SET t.model = $model, t.id = toInteger(token_id[k]), t.text = $text[k], t.h = toInteger(h[k])
 CREATE (n:Instance:$($kind_label[k]) {prompt_id: $pid, node_index: toInteger(i[k]), node_id: $node_id[k],
         position: toInteger(position[k]), token_id: toInteger(token_id[k]), label: $label[k],
         probability: toFloat(probability[k]), logit: toFloat(logit[k]), influence: toFloat(influence[k])})
@@ -123,10 +125,12 @@ CREATE (n)-[:IN]->(p), (n)-[:OF]->(t)
 _CREATE_FEATURES: LiteralString = """
 MATCH (p:Prompt {id: $pid})
 WITH p, split($i, ',') AS i, split($layer, ',') AS layer, split($feature, ',') AS feature,
-     split($position, ',') AS position, split($activation, ',') AS activation, split($influence, ',') AS influence
+     split($position, ',') AS position, split($activation, ',') AS activation, split($influence, ',') AS influence,
+     split($h, ',') AS h
 UNWIND range(0, $n - 1) AS k
 MERGE (f:Feature {key: $key[k]})
-  ON CREATE SET f.transcoder = $transcoder, f.layer = toInteger(layer[k]), f.index = toInteger(feature[k])
+  ON CREATE SET f.transcoder = $transcoder, f.layer = toInteger(layer[k]), f.index = toInteger(feature[k]),
+                f.h = toInteger(h[k])
 CREATE (n:FeatureActivation:Instance {prompt_id: $pid, node_index: toInteger(i[k]), node_id: $node_id[k],
         layer: toInteger(layer[k]), position: toInteger(position[k]), activation: toFloat(activation[k]),
         influence: toFloat(influence[k])})
@@ -517,6 +521,7 @@ class GraphWriter:
             pc.sort_indices(token_linked, sort_keys=[("key", "ascending"), ("kind", "descending")])
         )
         is_logit = pc.equal(token_linked.column("kind"), "logit")
+        token_keys_sorted = token_linked.column("key").to_pylist()
         null_str = pa.scalar(None, pa.string())
         null_f32 = pa.scalar(None, pa.float32())
 
@@ -545,6 +550,7 @@ class GraphWriter:
                 key="key",
                 token_id="token_id",
                 text="token",
+                h=pa.array([aggregate.node_hash(k) for k in token_keys_sorted], pa.int64()),
                 kind_label=pc.if_else(is_logit, "LogitTarget", "InputToken"),
                 label=pc.if_else(is_logit, token_linked.column("token"), null_str),
                 probability=pc.if_else(is_logit, token_linked.column("probability"), null_f32),
@@ -557,7 +563,14 @@ class GraphWriter:
             "feature_nodes",
             _CREATE_FEATURES,
             shared,
-            cols(features, key="feature_key", layer="layer", feature="feature", activation="activation"),
+            cols(
+                features,
+                key="feature_key",
+                layer="layer",
+                feature="feature",
+                activation="activation",
+                h=pa.array([aggregate.node_hash(k) for k in features.column("feature_key").to_pylist()], pa.int64()),
+            ),
             rels_per_row=2,
             exact_nodes=False,  # may also create the shared :Feature
         )

@@ -43,6 +43,7 @@ from typing import Any, Generic, LiteralString, TypeVar
 from neo4j import READ_ACCESS, Driver, ManagedTransaction, Record, unit_of_work
 from neo4j.exceptions import ClientError, DriverError, Neo4jError, ServiceUnavailable, SessionExpired
 
+from atlas.storage.aggregate import AGG_SUM_ABS, AGG_VALUES
 from atlas.storage.feature_stats import FeatureStatsStore
 
 T = TypeVar("T")
@@ -350,13 +351,17 @@ RETURN a.prompt_id AS prompt_id, f.key AS source, t.text AS target, strength, bo
 """
 )
 
-_TOP_FOR_LOGIT: LiteralString = """
+_TOP_FOR_LOGIT: LiteralString = (
+    """
 MATCH (t:Token) WHERE t.key IN $targets
 MATCH (f:Feature)-[g:AGG_EDGE]->(t)
 WHERE g.n_prompts >= $min_prompts
-RETURN f.key AS key, f.layer AS layer, f.index AS index, f.label AS label, t.key AS target, properties(g) AS g
+RETURN f.key AS key, f.layer AS layer, f.index AS index, f.label AS label, t.key AS target, """
+    + AGG_VALUES
+    + """ AS g
 ORDER BY g.sum_abs_weight DESC, key LIMIT $limit
 """
+)
 
 # Evidence for the top features, expanded from the logit side: a target token has few logit instances (one per
 # prompt that targets it), a popular feature thousands of activations, so this direction stays cheap.
@@ -369,20 +374,32 @@ WITH f, t, collect({prompt_id: a.prompt_id, position: a.position, activation: a.
 RETURN f.key AS key, t.key AS target, ev[..$evidence] AS ev
 """
 
-_AGG_DOWN: LiteralString = """
+_AGG_DOWN: LiteralString = (
+    """
 MATCH (f:Feature {key: $key})-[g:AGG_EDGE]->(x)
-WHERE g.sum_abs_weight >= $min_w
+WHERE """
+    + AGG_SUM_ABS
+    + """ >= $min_w
 RETURN CASE WHEN x:Feature THEN 'feature' ELSE 'logit' END AS kind, x.key AS key, coalesce(x.label, x.text) AS text,
-       x.layer AS layer, properties(g) AS g
+       x.layer AS layer, """
+    + AGG_VALUES
+    + """ AS g
 ORDER BY g.sum_abs_weight DESC, key LIMIT $limit
 """
+)
 
-_AGG_UP: LiteralString = """
+_AGG_UP: LiteralString = (
+    """
 MATCH (f:Feature {key: $key})<-[g:AGG_EDGE]-(x:Feature)
-WHERE g.sum_abs_weight >= $min_w
-RETURN 'feature' AS kind, x.key AS key, x.label AS text, x.layer AS layer, properties(g) AS g
+WHERE """
+    + AGG_SUM_ABS
+    + """ >= $min_w
+RETURN 'feature' AS kind, x.key AS key, x.label AS text, x.layer AS layer, """
+    + AGG_VALUES
+    + """ AS g
 ORDER BY g.sum_abs_weight DESC, key LIMIT $limit
 """
+)
 
 _PROMPT_DOWN: LiteralString = (
     """
