@@ -23,19 +23,27 @@ sources here). A feature active at several positions of a prompt contributes all
     (derived, not stored: mean_weight = sum_weight / n_prompts, the mean per-prompt contribution over the prompts
     that have one; readers project all of them with `AGG_VALUES`)
 
-Maintenance is INCREMENTAL and lives inside the writer's prompt transaction (`GraphWriter(aggregates=True)`, the
-default), so the aggregates never drift from the prompts: writing a prompt adds its contributions after creating its
-edges and marks the Prompt `aggregated: true`; re-writing an aggregated prompt reads the old version's
-contributions from its old edges before they are deleted and subtracts them in the same final sweep that adds the
-new ones; deleting it subtracts them too. Only the pairs the prompt touches are updated, in ONE sweep sorted by
+Maintenance is INCREMENTAL, in one of two ways, and the `aggregated` flag of each Prompt says whether the layer
+counts it, so the layer always equals the sum over exactly the flagged prompts:
+- pipelined (`GraphWriter.write_prompts`, the ingest loader): each prompt's graph is committed in a transaction of
+  its own and handed to a `BackgroundAggregator`, whose thread adds the queued prompts in batches
+  (`update_for_prompts`) while the next graphs are written. Graph writes and aggregate sweeps then run on two
+  server threads at once, where in-transaction maintenance keeps one busy; the layer lags the prompts in flight;
+- in-transaction (`GraphWriter.write_prompt`, `write_prompts(pipelined=False)`): writing a prompt adds its
+  contributions after creating its edges and marks it `aggregated: true`, in the same transaction.
+Either way, re-writing an aggregated prompt reads the old version's contributions from its old edges before they
+are deleted and subtracts them in the same final sweep that adds the new ones, inside the re-writing transaction;
+deleting it subtracts them too. Only the pairs the prompt touches are updated, in ONE sweep sorted by
 (F key, X key) at the end of the transaction, after every node lock of the prompt was taken: two writers thus lock
 shared aggregate relationships in one global order. Transactions that change the layer also take a database-wide
-lock first (`lock_aggregates`), so they run one at a time: relationship-group locks of dense Feature nodes deadlocked
-two writer threads otherwise. The `aggregated` flag
-keeps a mixed history exact: a prompt written with `aggregates=False` contributes nothing and is never subtracted,
-until `update_for_prompts` or a rebuild adds it. A pair whose `n_prompts` reaches 0 is deleted. `max_abs_weight`
-cannot be subtracted: when the removed version held the maximum and the new one does not reach it, it is recomputed
-from the pair's current edges (rare for popular pairs, cheap for rare ones).
+lock (`lock_aggregates`), so they run one at a time: relationship-group locks of dense Feature nodes deadlocked two
+writer threads otherwise (a graph transaction and an aggregator batch can still deadlock on node locks now and then;
+the server detects it and the driver retries the transaction). A prompt written with `aggregates=False`
+contributes nothing and is never subtracted, until `update_for_prompts` or a rebuild adds it. A pair whose
+`n_prompts` reaches 0 is deleted. `max_abs_weight` cannot be subtracted: when the removed version held the maximum
+and the new one does not reach it, it is recomputed from the pair's current edges (rare for popular pairs, cheap
+for rare ones; a subtraction with no addition after it, such as a delete, recomputes every pair whose maximum it
+held, which is slow for popular pairs).
 
 Exactness: sums are accumulated in fixed point, as integers of `1 / FIXED_POINT_SCALE` (2^-32, each edge weight
 rounded once), so additions and subtractions are exact and order-independent, and the incremental aggregate equals
@@ -45,6 +53,8 @@ rounding error of one edge is at most 1.2e-10, far below the float32 precision o
 
 Public API (for the ingest pipeline and tests):
 - nothing to call after `GraphWriter.write_prompt(s)` / `delete_prompt`: they maintain the layer;
+- `BackgroundAggregator(driver, database=...)`: `submit` committed prompt ids, `drain` / `close` wait until they
+  are in (the pipelined writers use it);
 - `update_for_prompts(driver, prompt_ids, database=...)`: add the prompts not aggregated yet (idempotent; a no-op
   for prompts the default writer wrote), in batches of prompts that share one sweep — the hook the ingest pipeline
   calls for every shard it loads and for the prompts a rerun finds stored, so prompts written with
