@@ -30,21 +30,26 @@ needs a completeness filter. The alternative, a staged write (`Prompt {complete:
 one, then a small flip transaction), was measured on the 2-core development machine at 64-80 ms per 4k-edge prompt
 against 56-63 ms for one transaction, before counting the deferred delete of the replaced version and the garbage
 collection of abandoned stages. Its only advantage is bounded transaction memory; one transaction of a 200k-edge,
-22k-node prompt still commits with the default 1 GiB heap (6.9 s; `benchmarks/neo4j_load.py`).
+22k-node prompt still commits with the default 1 GiB heap (6.1 s without aggregates, `benchmarks/neo4j_load.py`).
 
 Measured (`benchmarks/neo4j_load.py`, fresh managed server, 1 GiB heap, 128 MiB page cache, after warm-up; 200
-prompts of 674 nodes and 4,000 edges, client and server on the same 2 cores): without aggregate maintenance
-(`aggregates=False`) 60-63k EDGE relationships/s (76-80k counting the IN and OF links), about 55 ms per prompt;
-with it (the default: one ordered sweep over the ~1,550 Feature pairs of such a prompt, inside its transaction)
-29.1k/s (36.7k; 45.0k counting the ~1,140 AGG_EDGEs a prompt creates), 128 ms per prompt; the one-statement-per-edge
-baseline 480/s (whole prompts), so 61x and 126x. Re-ingesting existing prompts (delete, subtract, write, add)
-10.6k/s. A 1 GiB page cache changed these by < 7 %. The sweep is mostly relationship upserts, found through the
-indexed `pair` key: with a MERGE instead, which scans the AGG_EDGE chains of popular Features and Tokens, the
-per-prompt time grew from 143 to 210 ms between 200 and 900 stored prompts; keyed, it stays at about 126 ms.
-Computing the contributions on the client and sending them as parameters was slower (145 ms) than reading the
-prompt's fresh edges back. A 200k-edge prompt does not fit the transaction memory pool of a 1 GiB heap with
-aggregates on (5.0 s without). Use `aggregates=False` + `aggregate.update_for_prompts` / `rebuild_aggregates` for
-first bulk loads and giant prompts.
+prompts of 674 nodes and 4,000 edges, client and server on the same 2 cores; two runs of the whole benchmark on
+2026-12-02, the second's figures first):
+- `write_prompts`, the default (graphs in one transaction per prompt, the aggregate layer added by the background
+  aggregator, timed until every prompt is in): 42.7k EDGE relationships/s (38.4k in the first run), 53.8k (48.5k)
+  counting the IN and OF links, 65.9k (59.4k) counting also the ~1,144 AGG_EDGEs a prompt creates;
+- aggregates inside each prompt's transaction (`write_prompt`, `write_prompts(pipelined=False)`: one ordered sweep
+  over the ~1,550 Feature pairs of such a prompt, on the same server thread as the graph): 30.2k (27.4k), 38.1k,
+  120 ms per prompt; pipelining gives 1.40-1.41x, as the server's second core runs the sweeps;
+- without aggregate maintenance (`aggregates=False`): 54.7k (46.1k), 69.0k, 62 ms per prompt;
+- the one-statement-per-edge baseline: 487/s (whole prompts), so 88x with the default;
+- re-ingesting existing prompts (delete, subtract, write, add in one transaction): 10.2k (9.2k).
+Every timed phase writes 200 new prompts into a store that already holds those of the earlier phases. The sweep is
+mostly relationship upserts, found through the indexed integer `pair` key: with a MERGE instead, which scans the
+AGG_EDGE chains of popular Features and Tokens, the per-prompt time grew from 143 to 210 ms between 200 and 900
+stored prompts; keyed, it stays flat. Computing the contributions on the client and sending them as parameters was
+slower than reading the prompt's fresh edges back. A 200k-edge prompt does not fit the transaction memory pool of
+a 1 GiB heap with in-transaction aggregates; pipelined (graph and aggregates in two transactions) it takes 12.0 s.
 
 Transient failures (`ServiceUnavailable`, `SessionExpired`, `TransientError` such as deadlocks) make the driver's
 managed transaction (`Session.execute_write`) roll back and re-run the whole prompt with exponential back-off, up to
@@ -376,7 +381,7 @@ class GraphWriter:
 
         `pipelined` (with `aggregates` on): a `BackgroundAggregator` adds the committed prompts to the aggregate
         layer on a second server thread, in batches, while the next graphs are written, and this returns once every
-        written prompt is aggregated. Measured on 2 cores it writes 1.3-1.5x more relationships per second than
+        written prompt is aggregated. Measured on 2 cores it writes 1.4x more relationships per second than
         maintaining the layer inside each prompt's transaction (`pipelined=False`), which keeps one server core
         busy; the layer then lags the prompts in flight, and matches exactly the prompts flagged `aggregated`.
         More `workers` overlap the client's preparation and round trips with the server's work; with client and
