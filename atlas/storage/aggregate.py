@@ -8,7 +8,7 @@ keys that Features and Tokens carry as `h` (`node_hash`, set when the writer cre
 relationship by an index seek on `pair` that also checks both endpoints, so two pairs whose hashes collide stay
 apart (the seek then returns both); the cost does not grow with the store, where a MERGE scans the AGG_EDGE chains
 of popular Features and Tokens. An integer key and six properties instead of a string key and nine took the
-batched update from 82 to 59 ms per 4k-edge prompt (`benchmarks/neo4j_load.py` data).
+batched update from 82 to 64 ms per 4k-edge prompt (`benchmarks/neo4j_load.py` data).
 
 A prompt contributes to the pair (F, X) through its attribution edges `(a:FeatureActivation)-[:EDGE]->(b)` with
 `a -[:OF]-> F` and `b -[:OF]-> X`, where `b` is a `FeatureActivation` (X a Feature) or a vocabulary `LogitTarget`
