@@ -83,7 +83,7 @@ from typing import Any, LiteralString
 
 from neo4j import Driver, ManagedTransaction
 
-from atlas.storage.graph_schema import STORE_NAME
+from atlas.storage.graph_schema import SCHEMA_VERSION, STORE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,9 @@ RETURN p.id AS id ORDER BY id
 """
 _READ_CHUNK = 5000
 
-# Write-lock the Prompts among $pids (sorted by the caller) and flag the ones not aggregated yet; returns those.
+# Write-lock the Prompts among $pids (sorted by the caller) and flag the ones not aggregated yet; returns those. The
+# flag read in the first SET may predate a transaction that held the lock, but every transaction that sets the flag
+# true holds the aggregate lock, as the claimer does, so none can commit in between.
 _CLAIM_UNAGGREGATED: LiteralString = """
 UNWIND $pids AS pid
 MATCH (p:Prompt {id: pid})
@@ -356,11 +358,13 @@ def lock_aggregates(tx: ManagedTransaction) -> None:
 
 
 def _lock_and_read_flag(tx: ManagedTransaction, prompt_id: str) -> bool | None:
-    """Write-lock the Prompt (serialises with its writers) and return its `aggregated` flag; None if absent."""
-    record = tx.run(
-        "MATCH (p:Prompt {id: $pid}) SET p.aggregated = coalesce(p.aggregated, false) RETURN p.aggregated AS a",
-        pid=prompt_id,
-    ).single()
+    """Write-lock the Prompt (serialises with its writers), then return its `aggregated` flag; None if absent.
+
+    Two statements, and the lock taken by writing a constant: an expression in the locking statement is evaluated
+    before the lock is granted, so it could read (and write back) the flag from before the transaction holding the
+    lock committed."""
+    tx.run("MATCH (p:Prompt {id: $pid}) SET p.schema_version = $v", pid=prompt_id, v=SCHEMA_VERSION).consume()
+    record = tx.run("MATCH (p:Prompt {id: $pid}) RETURN p.aggregated AS a", pid=prompt_id).single()
     return None if record is None else bool(record["a"])
 
 

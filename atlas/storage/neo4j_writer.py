@@ -96,6 +96,12 @@ _STRING_TYPES = (pa.string(), pa.large_string(), *([pa.string_view()] if hasattr
 _PROMPT_NODES: LiteralString = "MATCH (n:Instance) WHERE n.prompt_id = $pid AND n.node_index IS NOT NULL"
 _DELETE_PROMPT_NODES: LiteralString = _PROMPT_NODES + " DETACH DELETE n"
 
+# Write-lock the Prompt (creating it if new) BEFORE anything reads its `aggregated` flag: an expression such as
+# `SET p.x = coalesce(p.aggregated, ...)` reads the flag before it waits for the lock, so it may read the value from
+# before a concurrent aggregator batch commits. A pipelined write that read "not aggregated" that way skipped the
+# subtraction of a version the aggregator had just added, and the layer counted the prompt twice.
+_LOCK_PROMPT: LiteralString = "MERGE (p:Prompt {id: $pid}) SET p.schema_version = $version"
+
 _MERGE_PROMPT: LiteralString = """
 MERGE (m:Model {name: $model})
 MERGE (t:Transcoder {id: $transcoder}) ON CREATE SET t.model = $model
@@ -425,6 +431,7 @@ class GraphWriter:
         old: aggregate.Contributions | None = None
         if add_aggregates:
             aggregate.lock_aggregates(tx)  # first: aggregate-maintaining transactions run one at a time
+        tx.run(_LOCK_PROMPT, pid=plan.prompt_id, version=SCHEMA_VERSION).consume()
         for position, st in enumerate(plan.statements):
             result = tx.run(st.query, st.params)
             if position == 0:
