@@ -60,7 +60,7 @@ Public API (for the ingest pipeline and tests):
   calls for every shard it loads and for the prompts a rerun finds stored, so prompts written with
   `GraphWriter(aggregates=False)` (deferred maintenance: a Prompt's `aggregated` flag says whether the layer counts
   it yet) or left behind by a crash are brought in. Measured (`benchmarks/neo4j_load.py`, 200 prompts of 4,000
-  edges right after their write, 128 MiB page cache): 61-69 ms per prompt in batches of 32; batches pay off when
+  edges right after their write, 128 MiB page cache): 59-69 ms per prompt in batches of 32; batches pay off when
   pairs recur across the batch (10 % of pairs did in that synthetic data);
 - `rebuild_aggregates(driver, database, transcoder=None)`: delete and recompute the layer from the prompt graphs
   (all of it, or the Features of one transcoder) in batched transactions; for bulk loads done with

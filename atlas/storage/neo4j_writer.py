@@ -30,26 +30,27 @@ needs a completeness filter. The alternative, a staged write (`Prompt {complete:
 one, then a small flip transaction), was measured on the 2-core development machine at 64-80 ms per 4k-edge prompt
 against 56-63 ms for one transaction, before counting the deferred delete of the replaced version and the garbage
 collection of abandoned stages. Its only advantage is bounded transaction memory; one transaction of a 200k-edge,
-22k-node prompt still commits with the default 1 GiB heap (6.1 s without aggregates, `benchmarks/neo4j_load.py`).
+22k-node prompt still commits with the default 1 GiB heap (5.3 s without aggregates, `benchmarks/neo4j_load.py`).
 
 Measured (`benchmarks/neo4j_load.py`, fresh managed server, 1 GiB heap, 128 MiB page cache, after warm-up; 200
-prompts of 674 nodes and 4,000 edges, client and server on the same 2 cores; two runs of the whole benchmark on
-2026-12-02, the second's figures first):
+prompts of 674 nodes and 4,000 edges, client and server on the same 2 cores; 2026-12-02, final code):
 - `write_prompts`, the default (graphs in one transaction per prompt, the aggregate layer added by the background
-  aggregator, timed until every prompt is in): 42.7k EDGE relationships/s (38.4k in the first run), 53.8k (48.5k)
-  counting the IN and OF links, 65.9k (59.4k) counting also the ~1,144 AGG_EDGEs a prompt creates;
+  aggregator, timed until every prompt is in): 43.6k EDGE relationships/s, 55.0k counting the IN and OF links,
+  67.4k counting also the ~1,144 AGG_EDGEs a prompt creates (seven runs that day: 48.5k-56.3k, median 53.4k,
+  counting IN and OF);
 - aggregates inside each prompt's transaction (`write_prompt`, `write_prompts(pipelined=False)`: one ordered sweep
-  over the ~1,550 Feature pairs of such a prompt, on the same server thread as the graph): 30.2k (27.4k), 38.1k,
-  120 ms per prompt; pipelining gives 1.40-1.41x, as the server's second core runs the sweeps;
-- without aggregate maintenance (`aggregates=False`): 54.7k (46.1k), 69.0k, 62 ms per prompt;
-- the one-statement-per-edge baseline: 487/s (whole prompts), so 88x with the default;
-- re-ingesting existing prompts (delete, subtract, write, add in one transaction): 10.2k (9.2k).
+  over the ~1,550 Feature pairs of such a prompt, on the same server thread as the graph): 30.2k, 38.1k, 120 ms per
+  prompt; pipelining gives 1.40-1.45x, as the server's second core runs the sweeps;
+- without aggregate maintenance (`aggregates=False`): 52.1k, 65.7k, 65 ms per prompt;
+- the one-statement-per-edge baseline: 457/s (whole prompts), so 95x with the default;
+- re-ingesting existing prompts (delete, subtract, write, add in one transaction): 10.2k.
 Every timed phase writes 200 new prompts into a store that already holds those of the earlier phases. The sweep is
 mostly relationship upserts, found through the indexed integer `pair` key: with a MERGE instead, which scans the
 AGG_EDGE chains of popular Features and Tokens, the per-prompt time grew from 143 to 210 ms between 200 and 900
-stored prompts; keyed, it stays flat. Computing the contributions on the client and sending them as parameters was
-slower than reading the prompt's fresh edges back. A 200k-edge prompt does not fit the transaction memory pool of
-a 1 GiB heap with in-transaction aggregates; pipelined (graph and aggregates in two transactions) it takes 12.0 s.
+stored prompts; keyed (by the string key of schema v3), it stayed flat. Computing the contributions on the client
+and sending them as parameters was slower than reading the prompt's fresh edges back. A 200k-edge prompt does not
+fit the transaction memory pool of a 1 GiB heap with in-transaction aggregates; pipelined (graph and aggregates in
+two transactions) it takes 12.1 s.
 
 Transient failures (`ServiceUnavailable`, `SessionExpired`, `TransientError` such as deadlocks) make the driver's
 managed transaction (`Session.execute_write`) roll back and re-run the whole prompt with exponential back-off, up to
