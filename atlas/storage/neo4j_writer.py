@@ -5,8 +5,9 @@
 missing or mistyped column, or the offending row), and writes the prompt in ONE managed write transaction made of
 batched `UNWIND` statements of at most `batch_size` (10k) rows each:
 
-1. MERGE `Model`, `Transcoder` and the `Prompt` (properties replaced). Its write lock on the Prompt serialises
-   concurrent writers of the same prompt;
+1. Write-lock the `Prompt` (MERGE, then SET a constant), then MERGE `Model`, `Transcoder` and the Prompt
+   (properties replaced), reading its `aggregated` flag only once the lock is held. The lock serialises concurrent
+   writers of the same prompt, and with the background aggregator;
 2. `DETACH DELETE` the prompt's previous instance nodes and so their edges (found through the composite
    `Instance(prompt_id, node_index)` constraint);
 3. CREATE the instance nodes: input tokens and vocabulary logits in one statement that MERGEs their shared `:Token`
@@ -456,9 +457,9 @@ class GraphWriter:
                     if not add_aggregates:
                         aggregate.lock_aggregates(tx)
                         # Replacing an aggregated version: subtract it and add the new one in this transaction's
-                        # sweep (as in-transaction maintenance does), so the layer never counts neither. A
-                        # subtraction alone would also find the old version's maxima stale for many pairs and
-                        # recompute them over every edge of popular pairs, which took minutes.
+                        # sweep (as in-transaction maintenance does), so the layer never counts both versions or
+                        # neither. A subtraction alone would also find the old version's maxima stale for many pairs
+                        # and recompute them over every edge of popular pairs, which took minutes.
                         add_aggregates = self.aggregates
                     old = aggregate.read_contributions(tx, plan.prompt_id)
                 deleted = tx.run(_DELETE_PROMPT_NODES, pid=plan.prompt_id).consume().counters.nodes_deleted
