@@ -96,3 +96,14 @@ def runs_dir() -> Path:
     """Root of ingest run directories: `$ATLAS_RUNS_DIR`, else `runs/ingest` under the working directory."""
     explicit = os.environ.get(ENV_RUNS_DIR)
     return Path(explicit).expanduser() if explicit else Path("runs") / "ingest"
+
+
+def require_at_least(owner: str, minimums: dict[str, tuple[float | int | None, float | int]]) -> None:
+    """Raise `ValueError` naming the first setting of `owner` below its minimum; `{name: (value, minimum)}`.
+
+    A value of None means "use the default" and passes. Settings objects call this in `__post_init__`, so the
+    Python API refuses what the command line's option ranges refuse, before any work starts.
+    """
+    for name, (value, minimum) in minimums.items():
+        if value is not None and value < minimum:
+            raise ValueError(f"{owner}: {name} must be at least {minimum}, got {value}")

@@ -46,7 +46,8 @@ from neo4j.exceptions import TransientError
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA, feature_key
 from atlas.storage.aggregate import AggregateBacklogError, node_hash, update_for_prompts
-from atlas.storage.graph_schema import ensure_schema, token_key
+from atlas.storage.graph_schema import token_key
+from atlas.storage.migrations import ensure_schema
 from atlas.storage.neo4j_server import LocalNeo4jServer, Neo4jConnection, resolve_connection
 from atlas.storage.neo4j_writer import GraphWriter
 

@@ -37,7 +37,8 @@ from neo4j import GraphDatabase
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA, feature_key
 from atlas.storage.aggregate import node_hash, rebuild_aggregates
-from atlas.storage.graph_schema import SCHEMA_VERSION, ensure_schema
+from atlas.storage.graph_schema import SCHEMA_VERSION
+from atlas.storage.migrations import ensure_schema
 from atlas.storage.neo4j_server import NEO4J_ADMIN_MAIN_CLASS, LocalNeo4jServer, find_java
 from atlas.storage.neo4j_writer import GraphWriter
 from atlas.storage.queries import AtlasQueries, QueryError

@@ -32,7 +32,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from atlas.config import ENV_DASK_SCHEDULER, runs_dir, stats_db_path
+from atlas.config import ENV_DASK_SCHEDULER, require_at_least, runs_dir, stats_db_path
 from atlas.storage.feature_stats import FeatureStatsStore
 from atlas.storage.neo4j_server import Neo4jConnection
 from atlas.storage.neo4j_writer import GraphWriter
@@ -77,6 +77,18 @@ class IngestOptions:
     stats_every_s: float = 30.0
     gpu: bool = False  # tasks require the worker resource GPU=1
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        require_at_least(
+            "ingest",
+            {
+                "workers": (self.workers, 0),
+                "batch_prompts": (self.batch_prompts, 1),
+                "retries": (self.retries, 0),
+                "neo4j_retry_s": (self.neo4j_retry_s, 0.0),
+                "stats_every_s": (self.stats_every_s, 0.0),
+            },
+        )
 
 
 @dataclass

@@ -70,8 +70,8 @@ def test_parquet_tables_follow_the_storage_schema(pruned, tmp_path: Path) -> Non
 def test_cli_attribute_writes_json_and_parquet(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from atlas.cli import app
     from atlas.transcoders import save_transcoder
+    from atlas_cli.main import app
 
     torch.manual_seed(0)
     transcoder = build_transcoder(TranscoderSpec(kind="plt", n_layers=2, d_model=32, n_features=16))

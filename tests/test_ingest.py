@@ -26,12 +26,12 @@ import torch
 from neo4j import Driver
 from typer.testing import CliRunner
 
-from atlas.cli import app
 from atlas.storage.aggregate import aggregate_rows, rebuild_aggregates
 from atlas.storage.neo4j_server import LocalNeo4jServer, Neo4jConnection
 from atlas.storage.neo4j_writer import GraphWriter
 from atlas.storage.queries import AtlasQueries
 from atlas.transcoders import TranscoderSpec, build_transcoder, save_transcoder
+from atlas_cli.main import app
 from ingest.ledger import LEDGER_FILE, Ledger
 from ingest.pipeline import IngestOptions, IngestReport, _start_dask, balanced_batch, run_ingest, worker_torch_threads
 from ingest.prompts import CorpusError, normalise, prompt_key, read_corpus
@@ -443,7 +443,7 @@ def test_kill_the_whole_ingest_then_rerun(
            "NEO4J_PASSWORD": neo4j_connection.password, "ATLAS_STATS_DB": str(tmp_path / "stats.duckdb"),
            "ATLAS_RUNS_DIR": str(tmp_path / "runs")}  # fmt: skip
     env.pop("DASK_SCHEDULER_ADDRESS", None)
-    command = [sys.executable, "-m", "atlas.cli", "ingest", "--corpus", str(corpus), "--transcoders",
+    command = [sys.executable, "-m", "atlas_cli", "ingest", "--corpus", str(corpus), "--transcoders",
                str(transcoders), "--model", MODEL, "--workers", "1", "--run", "test", "--batch-size", "1"]  # fmt: skip
     ledger = tmp_path / "runs" / "test" / LEDGER_FILE
     proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,

@@ -61,7 +61,7 @@ def test_hub_model_offline_fails_with_a_clear_message() -> None:
     """The hub route is the real one; offline it must end in one readable line, not a traceback."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "atlas.cli", "model", "info", "--model", "gpt2"],
+        [sys.executable, "-m", "atlas_cli", "model", "info", "--model", "gpt2"],
         env=env,
         capture_output=True,
         text=True,

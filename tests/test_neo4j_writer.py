@@ -34,10 +34,9 @@ from atlas.storage.graph_schema import (
     RELATIONSHIP_INDEXES,
     SCHEMA_VERSION,
     UNIQUE_KEYS,
-    SchemaVersionError,
-    ensure_schema,
     read_schema_version,
 )
+from atlas.storage.migrations import SchemaVersionError, ensure_schema
 from atlas.storage.neo4j_server import Neo4jConnection
 from atlas.storage.neo4j_writer import GraphValidationError, GraphWriter, StoreCounts
 

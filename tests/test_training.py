@@ -149,7 +149,7 @@ def _train_cli(out: Path, corpus: Path, steps: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "atlas.cli",
+        "atlas_cli",
         "train",
         "--out",
         str(out),
@@ -204,7 +204,7 @@ def test_cli_eval_rejects_transcoders_of_another_model(
     tiny_llama: LoadedModel, jsonl_corpus: Path, tmp_path: Path
 ) -> None:
     result = Trainer(tiny_llama, small_config(jsonl_corpus, steps=10), tmp_path / "run").run()
-    eval_command = [sys.executable, "-m", "atlas.cli", "transcoders", "eval", str(result.transcoder_dir)]
+    eval_command = [sys.executable, "-m", "atlas_cli", "transcoders", "eval", str(result.transcoder_dir)]
     ok = subprocess.run(
         [*eval_command, "--model", "tiny-llama", "--corpus", str(jsonl_corpus), "--context-length", "32"],
         capture_output=True,

@@ -63,23 +63,22 @@ Queries for the Neo4j Browser (anchor on indexed keys):
     RETURN a.prompt_id, p LIMIT 50
 
 Constraints and indexes are created (idempotently, `IF NOT EXISTS`) before anything is written. The store records
-its model version in a singleton `(:SchemaVersion {name: "circuit-atlas", version})`; `ensure_schema` creates the
-schema, then upgrades an older store one version at a time through `MIGRATIONS` (version k -> k + 1). Version 1 is
-the first; version 2 added the aggregate layer and the `Prompt(task)` index (migration 1 -> 2 builds the layer
-from the stored prompts in one transaction; for a large store use `GraphWriter(aggregates=False)` loads followed by
-`atlas.storage.aggregate.rebuild_aggregates`, which batches); version 3 keys each AGG_EDGE by `pair` (index
-`atlas_agg_pair`; migration 2 -> 3 sets the key on the existing layer in one transaction); version 4 gives Features
-and Tokens their hash `h`, makes `pair` an integer built from the two hashes and stops storing the float sums
-(migration 3 -> 4 does all three in one transaction).
+its model version in a singleton `(:SchemaVersion {name: "circuit-atlas", version})`;
+`atlas.storage.migrations.ensure_schema` creates the schema, then upgrades an older store one version at a time
+through its `MIGRATIONS` (version k -> k + 1). Version 1 is the first; version 2 added the aggregate layer and the
+`Prompt(task)` index (migration 1 -> 2 builds the layer from the stored prompts in one transaction; for a large
+store use `GraphWriter(aggregates=False)` loads followed by `atlas.storage.aggregate.rebuild_aggregates`, which
+batches); version 3 keys each AGG_EDGE by `pair` (index `atlas_agg_pair`; migration 2 -> 3 sets the key on the
+existing layer in one transaction); version 4 gives Features and Tokens their hash `h`, makes `pair` an integer
+built from the two hashes and stops storing the float sums (migration 3 -> 4 does all three in one transaction).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Mapping
 
-from neo4j import Driver, ManagedTransaction
+from neo4j import Driver
 from neo4j.exceptions import ClientError
 
 logger = logging.getLogger(__name__)
@@ -159,34 +158,6 @@ INDEXES: tuple[str, ...] = tuple(
     for name, rel_type, props in RELATIONSHIP_INDEXES
 )
 
-# A migration upgrades the store from version k (its key) to k + 1 inside one write transaction; the version node
-# is bumped in that same transaction, so a failed migration leaves the store at version k.
-Migration = Callable[[ManagedTransaction], None]
-
-
-def _migrate_1_to_2(tx: ManagedTransaction) -> None:
-    """Version 2: the aggregate layer (the new indexes come from `create_constraints_and_indexes`)."""
-    from atlas.storage.aggregate import rebuild_in_transaction
-
-    rebuild_in_transaction(tx)
-
-
-def _migrate_2_to_3(tx: ManagedTransaction) -> None:
-    """Version 3: every AGG_EDGE keyed by `pair` (the index comes from `create_constraints_and_indexes`)."""
-    from atlas.storage.aggregate import set_pair_keys
-
-    set_pair_keys(tx)
-
-
-def _migrate_3_to_4(tx: ManagedTransaction) -> None:
-    """Version 4: node hashes `h`, integer `pair` keys, no stored float sums on AGG_EDGE."""
-    from atlas.storage.aggregate import hash_and_slim
-
-    hash_and_slim(tx)
-
-
-MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
-
 # Error codes that mean "someone else created this rule first" (concurrent ensure_schema calls).
 _ALREADY_EXISTS_CODES = frozenset(
     {
@@ -197,10 +168,6 @@ _ALREADY_EXISTS_CODES = frozenset(
         "Neo.ClientError.Schema.IndexWithNameAlreadyExists",
     }
 )
-
-
-class SchemaVersionError(RuntimeError):
-    """The store's schema version cannot be brought to the version this code expects."""
 
 
 def token_key(model: str, token_id: int) -> str:
@@ -228,69 +195,3 @@ def read_schema_version(driver: Driver, database: str = "neo4j") -> int | None:
         "MATCH (v:SchemaVersion {name: $name}) RETURN properties(v) AS props", name=STORE_NAME, database_=database
     ).records
     return None if not records else int(records[0]["props"]["version"])
-
-
-def _set_version(tx: ManagedTransaction, version: int) -> None:
-    tx.run(
-        "MERGE (v:SchemaVersion {name: $name}) SET v.version = $version, v.updated_at = $now",
-        name=STORE_NAME,
-        version=version,
-        now=datetime.now(UTC),
-    ).consume()
-
-
-def _migrate_step(tx: ManagedTransaction, migration: Migration, expected: int, new_version: int) -> None:
-    # Re-read inside the transaction: a concurrent ensure_schema may have migrated already (then do nothing).
-    record = tx.run("MATCH (v:SchemaVersion {name: $name}) RETURN properties(v) AS props", name=STORE_NAME).single()
-    current = None if record is None else int(record["props"]["version"])
-    if current != expected:
-        return
-    migration(tx)
-    _set_version(tx, new_version)
-
-
-def ensure_schema(
-    driver: Driver,
-    database: str = "neo4j",
-    *,
-    target_version: int = SCHEMA_VERSION,
-    migrations: Mapping[int, Migration] | None = None,
-) -> int:
-    """Create constraints and indexes, record or upgrade the schema version; return the store's version.
-
-    A store without a version node is new (or predates versioning, which only version 1 did) and is stamped with
-    `target_version`. An older store is upgraded through `migrations` (default `MIGRATIONS`), one version per
-    transaction; a store newer than this code raises `SchemaVersionError` rather than being written to.
-    """
-    migrations = MIGRATIONS if migrations is None else migrations
-    create_constraints_and_indexes(driver, database)
-    with driver.session(database=database) as session:
-        current = read_schema_version(driver, database)
-        if current is None:
-            session.execute_write(_stamp_if_absent, target_version)
-            current = read_schema_version(driver, database)
-            assert current is not None
-        if current > target_version:
-            raise SchemaVersionError(
-                f"the Neo4j store is at schema version {current}, newer than this code's {target_version}; "
-                "upgrade circuit-atlas"
-            )
-        while current < target_version:
-            migration = migrations.get(current)
-            if migration is None:
-                raise SchemaVersionError(f"no migration from schema version {current} to {current + 1}")
-            logger.info("migrating the Neo4j store from schema version %d to %d", current, current + 1)
-            session.execute_write(_migrate_step, migration, current, current + 1)
-            new = read_schema_version(driver, database)
-            assert new is not None
-            current = new
-    return current
-
-
-def _stamp_if_absent(tx: ManagedTransaction, version: int) -> None:
-    tx.run(
-        "MERGE (v:SchemaVersion {name: $name}) ON CREATE SET v.version = $version, v.updated_at = $now",
-        name=STORE_NAME,
-        version=version,
-        now=datetime.now(UTC),
-    ).consume()

@@ -78,7 +78,8 @@ from neo4j.exceptions import ServiceUnavailable, SessionExpired
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA
 from atlas.storage import aggregate
-from atlas.storage.graph_schema import SCHEMA_VERSION, ensure_schema
+from atlas.storage.graph_schema import SCHEMA_VERSION
+from atlas.storage.migrations import ensure_schema
 
 DEFAULT_BATCH_SIZE = 10_000
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from atlas.config import require_at_least
 from atlas.models.loading import LoadedModel
 from atlas.training.corpus import CorpusError, iter_documents
 
@@ -52,6 +53,16 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if self.context_length < 2:
             raise ValueError("context_length must be at least 2 (BOS plus one token)")
+        require_at_least(
+            "activation stream",
+            {
+                "batch_size": (self.batch_size, 1),
+                "chunk_sequences": (self.chunk_sequences, 1),
+                "model_batch_size": (self.model_batch_size, 1),
+                "eval_sequences": (self.eval_sequences, 1),
+                "seed": (self.seed, 0),
+            },
+        )
         if self.batches_per_chunk < 1:
             raise ValueError(
                 f"a shuffle chunk of {self.chunk_sequences} sequences × {self.context_length - 1} tokens holds"

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from atlas.config import require_at_least
 from atlas.models.loading import LoadedModel
 from atlas.training import objectives as obj
 from atlas.training.activations import ActivationStream, StreamConfig
@@ -75,6 +76,21 @@ class TrainConfig:
     input_hook: str = "mlp.hook_in"
     output_hook: str = "mlp.hook_out"
     stream: StreamConfig = field(default_factory=StreamConfig)
+
+    def __post_init__(self) -> None:
+        require_at_least(
+            "training",
+            {
+                "n_features": (self.n_features, 1),
+                "topk": (self.topk, 1),
+                "steps": (self.steps, 1),
+                "lr": (self.lr, 0.0),
+                "sparsity_lambda": (self.sparsity_lambda, 0.0),
+                "checkpoint_every": (self.checkpoint_every, 1),
+                "keep_checkpoints": (self.keep_checkpoints, 1),
+                "log_every": (self.log_every, 1),
+            },
+        )
 
     @property
     def learning_rate(self) -> float:

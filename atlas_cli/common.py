@@ -1,0 +1,44 @@
+"""What every `atlas` command shares: the stderr console, the one-line error exit, and the errors a user can fix.
+
+Errors the user can fix are printed as one readable line and exit with status 2, without a traceback. Numeric options
+are range-checked by Typer (`min=`/`max=` on the option) before any command body runs, so a bad value costs no import.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that carry a message meant for the user (imported lazily: they live beside heavy modules)."""
+    from atlas.models.loading import ModelLoadError
+    from atlas.training.corpus import CorpusError
+    from atlas.training.trainer import TrainingError
+    from atlas.transcoders import TranscoderFormatError, TranscoderShapeError
+
+    return (
+        ModelLoadError,
+        CorpusError,
+        TrainingError,
+        TranscoderFormatError,
+        TranscoderShapeError,
+        ValueError,
+    )
+
+
+def fail(err: BaseException) -> NoReturn:
+    """Print `err` as one red line and exit with status 2."""
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=2)
+
+
+def unit_fraction(value: float | None) -> float | None:
+    """Typer callback for options that are fractions in (0, 1] (pruning thresholds); None passes through."""
+    if value is not None and not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"must be in (0, 1], got {value}")
+    return value
