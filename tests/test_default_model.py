@@ -15,6 +15,7 @@ from atlas.models.loading import packaged_cache_path
 from atlas.training.activations import StreamConfig
 from atlas.training.trainer import TrainConfig, Trainer
 from atlas.transcoders import load_transcoder
+from tests.tolerances import FLOAT32_CHAIN, assert_close_at_scale
 
 pytestmark = pytest.mark.e2e
 
@@ -33,8 +34,9 @@ def test_logits_match_the_hugging_face_model(smollm2: LoadedModel) -> None:
     for prompt in ("The Eiffel Tower is located in the city of", "1+1=", 'The opposite of "small" is "'):
         ids = smollm2.tokenize(prompt)
         with torch.no_grad():
-            diff = (smollm2.model(ids) - reference(ids).logits).abs().max().item()
-        assert diff <= 1e-4, f"{prompt!r}: max |Δlogit| {diff}"
+            ours, theirs = smollm2.model(ids), reference(ids).logits
+        # 30 layers of float32 matmuls summed in another order: roundoff of the logits' scale, not an absolute bound
+        assert_close_at_scale(ours, theirs, rel=FLOAT32_CHAIN, what=f"{prompt!r} logits vs Hugging Face")
 
 
 def test_ioi_prompt_predicts_mary(smollm2: LoadedModel) -> None:
@@ -84,8 +86,10 @@ def test_attribution_on_the_default_model_is_complete(smollm2: LoadedModel) -> N
     )
     with torch.no_grad():
         logits = smollm2.model(smollm2.tokenize(prompt))[0, -1].double()
-    start = graph.index.slice(NodeKind.LOGIT).start
-    for j, node in enumerate(graph.index.logits):
-        assert node.token_id is not None
-        demeaned = logits[node.token_id] - logits.mean()
-        assert float(sums[start + j]) == pytest.approx(float(demeaned), rel=1e-4)
+    rows = graph.index.slice(NodeKind.LOGIT)
+    demeaned = torch.stack([logits[node.token_id] - logits.mean() for node in graph.index.logits])
+    # a logit's in-edges are thousands of float32 terms: compare at the scale of those terms
+    row_scale = torch.zeros(graph.index.n_nodes, dtype=torch.float64).index_add_(
+        0, graph.edges.target, graph.edges.weight.double().abs()
+    )
+    assert_close_at_scale(sums[rows], demeaned, rel=FLOAT32_CHAIN, scale=row_scale[rows], what="logit completeness")

@@ -2,7 +2,7 @@
 
 The circuit-tracer environment is created by `benchmarks/interop/setup_ct_env.sh` (the README's test command
 runs it). `benchmarks.interop.compare` runs circuit-tracer's own loader and encoder on our directory and our
-activations; activations and reconstructions must equal ours to 1e-5.
+activations; activations and reconstructions must equal ours to 1e-5 of their largest magnitude.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from atlas.models import LoadedModel
 from atlas.training.activations import ActivationStream, StreamConfig
 from atlas.training.trainer import TrainConfig, Trainer
 from benchmarks.interop.compare import compare_with_circuit_tracer
+from tests.tolerances import FLOAT32_SUM
 
 pytestmark = pytest.mark.interop
 
@@ -46,5 +47,6 @@ def test_circuit_tracer_reproduces_our_encodings(
     )
     comparison = compare_with_circuit_tracer(result.transcoder_dir, inputs)
     assert comparison.active_share > 0.01, "too few active features to compare"
-    assert comparison.max_activation_diff <= 1e-5
-    assert comparison.max_reconstruction_diff <= 1e-5
+    # float32 sums in another library's order: equal to roundoff of the values' scale
+    assert comparison.max_activation_diff <= FLOAT32_SUM * comparison.activation_scale
+    assert comparison.max_reconstruction_diff <= FLOAT32_SUM * comparison.reconstruction_scale

@@ -10,6 +10,7 @@ import torch
 
 from atlas.models import LoadedModel, ModelLoadError, load_model
 from atlas.models.tiny import TINY_MODELS, build_tiny_hf_model, tiny_tokenizer
+from tests.tolerances import assert_close_at_scale
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
@@ -22,7 +23,7 @@ def test_tiny_models_match_their_hf_model_and_expose_hooks(name: str) -> None:
         ours = loaded.model(ids)
         theirs = reference(ids).logits
     assert ours.shape == (1, ids.shape[1], loaded.info.vocab_size)
-    assert (ours - theirs).abs().max().item() < 1e-5
+    assert_close_at_scale(ours, theirs, what=f"{name} logits vs Hugging Face")
     _, cache = loaded.model.run_with_cache(ids)
     for layer in range(loaded.info.n_layers):
         for hook in ("mlp.hook_in", "mlp.hook_out", "hook_resid_mid", "attn.hook_pattern", "ln2.hook_scale"):
@@ -46,7 +47,7 @@ def test_local_directory_loads(tmp_path: Path) -> None:
     assert loaded.info.source == "local-dir" and loaded.info.n_layers == 2
     ids = loaded.tokenize("abc")
     with torch.no_grad():
-        assert (loaded.model(ids) - hf(ids).logits).abs().max().item() < 1e-5
+        assert_close_at_scale(loaded.model(ids), hf(ids).logits, what="local-dir logits vs Hugging Face")
 
 
 def test_bad_model_names_fail_clearly(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from atlas.training.activations import ActivationStream, StreamConfig
 from atlas.training.corpus import CorpusError
 from atlas.training.trainer import TrainConfig, Trainer, TrainingError
 from atlas.transcoders import check_compatible, load_transcoder
+from tests.tolerances import FLOAT32_CHAIN, assert_close_at_scale
 
 
 def small_config(corpus: Path, kind: str = "clt", steps: int = 30, **overrides: object) -> TrainConfig:
@@ -83,7 +84,7 @@ def test_exported_weights_act_on_raw_activations(tiny_llama: LoadedModel, jsonl_
     s_in, s_out = checkpoint["input_scale"].view(-1, 1, 1), checkpoint["output_scale"].view(-1, 1, 1)
     with torch.no_grad():
         expected = trained(inputs * s_in).reconstruction / s_out
-        torch.testing.assert_close(exported(inputs).reconstruction, expected, atol=1e-4, rtol=1e-4)
+        assert_close_at_scale(exported(inputs).reconstruction, expected, rel=FLOAT32_CHAIN, what="exported")
 
 
 def _final_state(directory: Path) -> dict[str, torch.Tensor]:

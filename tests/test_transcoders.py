@@ -22,6 +22,7 @@ from atlas.transcoders import (
     save_transcoder,
 )
 from atlas.transcoders import io as transcoder_io
+from tests.tolerances import assert_close_at_scale
 
 L, D, F, N = 3, 8, 6, 11
 
@@ -63,10 +64,10 @@ def test_clt_packed_decoder_equals_pairwise_sum(skip: bool) -> None:
     out = tc(x)
     assert (out.activations > 0).any()
     expected = naive_clt_reconstruction(tc, out.activations, x)
-    torch.testing.assert_close(out.reconstruction, expected, atol=1e-5, rtol=1e-5)
+    assert_close_at_scale(out.reconstruction, expected, what="packed CLT decoder")
     for target in range(L):
         single = tc.decode_layer(target, list(out.activations), x[target])
-        torch.testing.assert_close(single, expected[target], atol=1e-5, rtol=1e-5)
+        assert_close_at_scale(single, expected[target], what=f"decode_layer({target})")
 
 
 def test_plt_reconstruction_is_per_layer() -> None:
@@ -76,7 +77,7 @@ def test_plt_reconstruction_is_per_layer() -> None:
     out = tc(x)
     for layer in range(L):
         expected = out.activations[layer] @ tc.W_dec[layer] + tc.b_dec[layer] + x[layer] @ tc.W_skip[layer].T  # type: ignore[index]
-        torch.testing.assert_close(out.reconstruction[layer], expected, atol=1e-5, rtol=1e-5)
+        assert_close_at_scale(out.reconstruction[layer], expected, what=f"PLT layer {layer}")
         torch.testing.assert_close(tc.encode(layer, x[layer]), out.activations[layer])
 
 
@@ -98,9 +99,9 @@ def test_folding_normalisation_reproduces_normalised_model_in_raw_units(kind: st
         trained = tc(x * s_in.view(-1, 1, 1))
         tc.fold_normalisation(s_in, s_out)
         folded = tc(x)
-    torch.testing.assert_close(folded.activations, trained.activations, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(
-        folded.reconstruction, trained.reconstruction / s_out.view(-1, 1, 1), atol=1e-5, rtol=1e-5
+    assert_close_at_scale(folded.activations, trained.activations, what="folded activations")
+    assert_close_at_scale(
+        folded.reconstruction, trained.reconstruction / s_out.view(-1, 1, 1), what="folded reconstruction"
     )
 
 

@@ -29,6 +29,7 @@ CT_ENCODE = Path(__file__).with_name("ct_encode.py")
 class Comparison:
     max_activation_diff: float
     max_reconstruction_diff: float
+    activation_scale: float  # max |activation| on our side
     reconstruction_scale: float  # max |reconstruction| on our side, to read the difference against
     active_share: float  # share of (layer, token, feature) entries active in our encoding
     n_tokens: int
@@ -70,6 +71,7 @@ def compare_with_circuit_tracer(transcoder_dir: Path, inputs: torch.Tensor) -> C
         max_reconstruction_diff=max(
             (theirs[f"recon_{i}"] - output.reconstruction[i]).abs().max().item() for i in range(n_layers)
         ),
+        activation_scale=output.activations.abs().max().item(),
         reconstruction_scale=output.reconstruction.abs().max().item(),
         active_share=(output.activations > 0).float().mean().item(),
         n_tokens=inputs.shape[1],
