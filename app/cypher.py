@@ -405,7 +405,7 @@ def _deadline_passed(driver: Driver, database: str, tag: str, timeout_s: float, 
     else:
         done = "asked the server to terminate it"
     raise CypherError(
-        f"the query ran past the {timeout_s:g} s limit: the console stopped waiting after {waited:.1f} s and {done}. "
+        f"the query ran past the {timeout_s:g} s timeout: the console stopped waiting after {waited:.1f} s and {done}. "
         "A single long expression (a reduce or list comprehension over a huge range) may keep the server busy a "
         "while longer; LIMIT earlier or bound the range"
     )
