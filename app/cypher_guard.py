@@ -305,18 +305,21 @@ def check_tokens(tokens: list[Token]) -> None:
         token = tokens[i]
         if token.kind == "punct" and token.text == ";":
             raise CypherRejected("only one statement at a time: remove the ';' between statements")
-        if token.word == "CALL" and i + 1 < len(tokens) and tokens[i + 1].is_name:
+        keyword = token.kind == "name" and _is_keyword_position(tokens, i)
+        if keyword and token.word == "CALL" and i + 1 < len(tokens) and tokens[i + 1].is_name:
             name, i = qualified_name(tokens, i + 1)
             _check_procedure(name)
             continue
-        after_dot = i > 0 and tokens[i - 1].kind == "punct" and tokens[i - 1].text in (".", ":")
+        # A dotted name followed by '(' is a function call, wherever it stands (a map value after ':' included);
+        # only a name after '.' continues a property chain instead.
+        after_dot = i > 0 and tokens[i - 1].kind == "punct" and tokens[i - 1].text == "."
         if token.is_name and not after_dot:
             name, end = qualified_name(tokens, i)
             if "." in name and end < len(tokens) and tokens[end].text == "(" and tokens[end].kind == "punct":
                 _check_function(name)
                 i = end
                 continue
-        if token.kind == "name" and _is_keyword_position(tokens, i):
+        if keyword:
             _check_word(tokens, i)
         i += 1
 

@@ -42,6 +42,9 @@ LEAKS = [
     ("RETURN apoc.cypher.runFirstColumnSingle('SHOW TRANSACTIONS', {}) AS x", "apoc.cypher.runFirstColumnSingle"),
     ("RETURN `apoc` . `cypher`.runFirstColumnMany('x', {}) AS x", "apoc.cypher.runFirstColumnMany"),
     ("RETURN graph.names() AS x", "graph.names"),
+    ("RETURN {x: apoc.cypher.runFirstColumnSingle('SHOW SETTINGS', {})} AS m", "apoc.cypher"),
+    ("MATCH (n) RETURN n {.v, s: apoc.cypher.runFirstColumnMany('x', {})} AS m", "apoc.cypher"),
+    ("RETURN CASE WHEN true THEN apoc.util.sleep(1000) END AS x", "apoc.util.sleep"),
     # SHOW forms other than indexes, constraints, functions and procedures
     ("SHOW SETTINGS", "SHOW SETTINGS"),
     ("show settings yield name, value return name, value", "SHOW SETTINGS"),
@@ -86,6 +89,7 @@ READS_OK = [
     "MATCH (n:`Show`) WHERE n.transactions > 0 RETURN n.settings AS settings, n.insert AS transactions",
     "RETURN {show: 1, insert: 2} AS m",
     "RETURN 'CALL dbms.listConfig() SHOW SETTINGS' AS s",
+    "MATCH (n) RETURN n.call AS call, n {.show, call: 1} AS m",
 ]
 
 
@@ -186,7 +190,7 @@ def test_server_has_the_transaction_memory_limits(small: Small) -> None:
     assert settings == {"db.memory.transaction.max": "96.00MiB", "dbms.memory.transaction.total.max": "192.00MiB"}
 
 
-@pytest.mark.parametrize(("query", "word"), LEAKS[:30])
+@pytest.mark.parametrize(("query", "word"), LEAKS[:33])
 def test_leaks_are_refused_on_a_real_server(intact: Small, query: str, word: str) -> None:
     stats = "CALL db.stats.status() YIELD section, status RETURN section, status ORDER BY section"
     before = intact.driver.execute_query(stats).records
