@@ -150,9 +150,17 @@ def to_plain(value: Any) -> Any:
     return value
 
 
-def approx_bytes(value: Any) -> int:
+def approx_bytes(value: Any, cap: int | None = None) -> int:
     """A rough size of a result value as the app holds it: text and bytes by length, containers by their items
-    (plus a small overhead each), graph entities by their properties. Cheap and monotone, not exact."""
+    (plus a small overhead each), graph entities by their properties. Cheap and monotone, not exact; with `cap`,
+    it stops adding up a container once past the cap (the answer is then only known to exceed it)."""
+    if isinstance(value, list | tuple):
+        total = 16
+        for item in value:
+            total += approx_bytes(item, cap)
+            if cap is not None and total > cap:
+                break
+        return total
     if value is None or isinstance(value, bool | int | float):
         return 8
     if isinstance(value, str | bytes | bytearray):
@@ -165,8 +173,6 @@ def approx_bytes(value: Any) -> int:
         return sum(approx_bytes(n) for n in value.nodes) + sum(approx_bytes(r) for r in value.relationships)
     if isinstance(value, dict):
         return 16 + sum(len(str(k)) + approx_bytes(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return 16 + sum(approx_bytes(v) for v in value)
     return 64  # temporal, spatial and other small values
 
 
@@ -274,11 +280,11 @@ def _collect(result: Any, bounds: _Bounds) -> tuple[list[dict[str, Any]], Result
         values = dict(record.items())
         size = 0
         for key, value in values.items():
-            one = approx_bytes(value)
+            one = approx_bytes(value, bounds.max_value_bytes)
             if one > bounds.max_value_bytes:
                 raise CypherError(
-                    f"the value of {key!r} in row {len(rows) + 1} is about {one / MB:.1f} MB; the console takes at "
-                    f"most {bounds.max_value_bytes / MB:g} MB per value: return its size or a slice instead"
+                    f"the value of {key!r} in row {len(rows) + 1} exceeds {bounds.max_value_bytes / MB:g} MB, the "
+                    "console's limit per value: return its size or a slice instead"
                 )
             size += one
         if total + size > bounds.max_bytes:
@@ -375,6 +381,8 @@ def run_read_query(
             raise err
         if isinstance(err, Neo4jError):
             raise CypherError(_readable(err)) from err
+        if isinstance(err, RecursionError):
+            raise CypherError("the result nests lists or maps too deeply for the console to show") from err
         if isinstance(err, DriverError):
             raise CypherError(f"the connection to Neo4j failed during the query ({err})") from err
         raise err

@@ -271,3 +271,30 @@ def test_writes_that_pass_the_text_check_are_still_refused(intact: Small) -> Non
     marker = Path(__file__)  # no LOAD CSV either, even of a local file
     with pytest.raises(CypherRejected, match="LOAD CSV"):
         run_read_query(intact.driver, f"LOAD CSV FROM 'file://{marker}' AS row RETURN row")
+
+
+def test_console_connects_as_its_own_user_when_given(intact: Small) -> None:
+    """Community has no roles, so the reader is not restricted by the server here; the test checks the wiring."""
+    from app.resources import console_driver, driver
+
+    system = intact.driver.session(database="system")
+    with system:
+        system.run("CREATE USER console_reader IF NOT EXISTS SET PASSWORD 'reader-pw' CHANGE NOT REQUIRED").consume()
+    connection = intact.server.connection()
+    assert connection is not None
+    env = {
+        "ATLAS_NEO4J_URI": connection.uri,
+        "NEO4J_PASSWORD": connection.password,
+        "ATLAS_CONSOLE_NEO4J_USER": "console_reader",
+        "ATLAS_CONSOLE_NEO4J_PASSWORD": "reader-pw",
+    }
+    cfg = load_config(env)
+    reader, admin = console_driver(cfg), driver(cfg)
+    who = "SHOW CURRENT USER YIELD user RETURN user"
+    assert reader.execute_query(who, database_="system").records[0]["user"] == "console_reader"
+    assert admin.execute_query(who, database_="system").records[0]["user"] == "neo4j"
+    assert console_driver(load_config({k: v for k, v in env.items() if "CONSOLE" not in k})) is admin
+    result = run_read_query(reader, "MATCH (n:Item) RETURN count(n) AS n", admin_driver=admin)
+    assert result.rows == [{"n": 100}]
+    with intact.driver.session(database="system") as session:
+        session.run("DROP USER console_reader").consume()
