@@ -90,15 +90,11 @@ READ_ONLY_PROCEDURES: tuple[str, ...] = (
     "apoc.text.",
     "apoc.map.",
     "apoc.math.",
-    "apoc.agg.",
-    "apoc.convert.",
-    "apoc.date.",
     "apoc.algo.",
     "apoc.neighbors.",
     "apoc.nodes.get",
-    "apoc.node.",
-    "apoc.label.",
 )
+# (Not `apoc.convert.*` or `apoc.date.*`: among their procedures are writers such as `apoc.convert.setJsonProperty`.)
 # Namespaced functions (lower-case, exact or prefixes ending in ".") that compute from their arguments only.
 # Functions without a namespace are Cypher's built-ins and are all allowed.
 PURE_FUNCTIONS: tuple[str, ...] = (
