@@ -16,9 +16,9 @@ Bounds (issue 17 §2):
   the server does: the query runs in a worker thread; at the deadline the runner terminates the transaction
   server-side (`TERMINATE TRANSACTIONS` through the app's own connection, found by a random metadata tag) and
   reports. Neo4j 5.26 does not check the termination flag inside a single expression (a `reduce` over 10^9 elements
-  ran on for about 20 s, a quadratic string `reduce` for minutes), so such a query may keep one server thread busy
-  after the call has returned; a `ConsoleGate` holds its slot until the server lets go, so the console has at most
-  `max_in_flight` queries on the server at any time and refuses more with a clear message.
+  ran for 20-25 s in all whatever the timeout, a quadratic string `reduce` for over 9 minutes), so such a query may
+  keep one server thread busy after the call has returned; a `ConsoleGate` holds its slot until the server lets go,
+  so the console has at most `max_in_flight` queries on the server at any time and refuses more with a clear message.
 - No driver retries: an explicit transaction, never `execute_read` (whose retries stretched one call to ~3x the
   timeout).
 - Memory: the server's per-transaction limit (`db.memory.transaction.max`, set by the managed server) fails a query
@@ -30,7 +30,8 @@ Bounds (issue 17 §2):
   limits, not by this module.
 
 Results are turned into plain Python values (`to_plain`) for tables, and nodes/relationships/paths are collected into
-a small graph (`ResultGraph`) that the page can draw. This module must not import Streamlit.
+a small graph (`ResultGraph`) that the page can draw. This module must not import Streamlit, and must not send the
+user's text anywhere but to `EXPLAIN` and the READ transaction (the termination query is the app's own text).
 """
 
 from __future__ import annotations
