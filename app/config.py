@@ -5,7 +5,12 @@ Settings come from environment variables (set by `atlas app` from its flags, or 
     ATLAS_NEO4J_URI / NEO4J_URI, NEO4J_USER, NEO4J_PASSWORD, NEO4J_DATABASE   the graph store
     ATLAS_STATS_DB                                                          feature statistics (DuckDB, read-only)
     ATLAS_MODEL, ATLAS_TRANSCODERS                                          model + transcoders for interventions
-    ATLAS_QUERY_TIMEOUT_S, ATLAS_ROW_CAP                                    Cypher console limits
+    ATLAS_QUERY_TIMEOUT_S, ATLAS_ROW_CAP, ATLAS_CONSOLE_MAX_MB             Cypher console limits
+    ATLAS_CONSOLE_NEO4J_USER, ATLAS_CONSOLE_NEO4J_PASSWORD                  a read-only user for the console
+
+The console connects as `ATLAS_CONSOLE_NEO4J_USER` when it is set (a user the server restricts to reading: Enterprise
+or Aura roles, or a user-supplied server); otherwise it shares the app's connection, which on the managed Community
+server is the admin user (Community has no roles; see the README on what the console's guard does and does not do).
 
 Without a URI the app uses the managed local Neo4j server (`atlas db start`), reading its port and password from the
 server's state file, as every other command does. This module only resolves settings: it opens no connection and
@@ -28,9 +33,13 @@ ENV_MODEL = "ATLAS_MODEL"
 ENV_TRANSCODERS = "ATLAS_TRANSCODERS"
 ENV_QUERY_TIMEOUT = "ATLAS_QUERY_TIMEOUT_S"
 ENV_ROW_CAP = "ATLAS_ROW_CAP"
+ENV_CONSOLE_MAX_MB = "ATLAS_CONSOLE_MAX_MB"
+ENV_CONSOLE_USER = "ATLAS_CONSOLE_NEO4J_USER"
+ENV_CONSOLE_PASSWORD = "ATLAS_CONSOLE_NEO4J_PASSWORD"
 
 DEFAULT_QUERY_TIMEOUT_S = 15.0
 DEFAULT_ROW_CAP = 1000
+DEFAULT_CONSOLE_MAX_MB = 32.0
 
 
 class ConfigError(ValueError):
@@ -56,6 +65,9 @@ class AppConfig:
     transcoders: Path | None
     query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S
     row_cap: int = DEFAULT_ROW_CAP
+    console_max_mb: float = DEFAULT_CONSOLE_MAX_MB  # bytes of one console result; a single value may use a quarter
+    console_user: str | None = None  # None: the console shares the app's connection
+    console_password: str = ""
 
 
 def _positive(environ: Mapping[str, str], name: str, default: float) -> float:
@@ -88,6 +100,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> AppConfig:
         transcoders=Path(transcoders).expanduser() if transcoders else None,
         query_timeout_s=_positive(env, ENV_QUERY_TIMEOUT, DEFAULT_QUERY_TIMEOUT_S),
         row_cap=int(_positive(env, ENV_ROW_CAP, DEFAULT_ROW_CAP)),
+        console_max_mb=_positive(env, ENV_CONSOLE_MAX_MB, DEFAULT_CONSOLE_MAX_MB),
+        console_user=(env.get(ENV_CONSOLE_USER) or "").strip() or None,
+        console_password=env.get(ENV_CONSOLE_PASSWORD, ""),
     )
 
 

@@ -67,6 +67,21 @@ def driver(cfg: AppConfig) -> Driver:
         raise ConnectionProblem(f"Neo4j at {uri} does not answer ({err}); is the server running?") from err
 
 
+def console_driver(cfg: AppConfig) -> Driver:
+    """The Cypher console's connection: the read-only user of `ATLAS_CONSOLE_NEO4J_USER` when set, else the app's."""
+    if not cfg.console_user:
+        return driver(cfg)
+    uri, _, _ = neo4j_target(cfg)
+    try:
+        return _driver(uri, cfg.console_user, cfg.console_password)
+    except AuthError as err:
+        raise ConnectionProblem(
+            f"Neo4j at {uri} refused the console user {cfg.console_user!r} (ATLAS_CONSOLE_NEO4J_USER): {err.message}"
+        ) from err
+    except (ServiceUnavailable, OSError) as err:
+        raise ConnectionProblem(f"Neo4j at {uri} does not answer ({err}); is the server running?") from err
+
+
 def store(cfg: AppConfig | None = None) -> AtlasStore:
     cfg = cfg or config()
     return AtlasStore(driver(cfg), cfg.neo4j_database, cfg.stats_db, timeout_s=max(cfg.query_timeout_s, 30.0))

@@ -365,6 +365,10 @@ def test_cypher_console_rejects_writes_and_returns_rows(app_env: AtlasFixture, n
         ("CALL dbms.components()", "dbms"),
         ("MATCH (p:Prompt) SET p.text = 'x'", "SET"),
         ("LOAD CSV FROM 'file:///etc/passwd' AS row RETURN row", "LOAD CSV"),
+        ("SHOW SETTINGS", "SHOW SETTINGS"),
+        ("SHOW TRANSACTIONS YIELD currentQuery, parameters", "SHOW TRANSACTIONS"),
+        ("CALL `db`.`stats`.collect('QUERIES')", "db.stats.collect"),
+        ("INSERT (x:Hacked)", "INSERT"),
     ):
         at.text_area(key="cypher").input(query)
         at.button(key="run_cypher").click().run()

@@ -1,5 +1,6 @@
-"""Cypher console: ad hoc read-only queries (checked, EXPLAIN-classified, READ session, server timeout, row cap);
-results as a table, and as a graph when nodes and relationships come back; example queries one click away."""
+"""Cypher console: ad hoc read-only queries (checked, EXPLAIN-classified, READ transaction, hard timeout, row and
+byte caps; see `app.cypher`); results as a table, and as a graph when nodes and relationships come back; example
+queries one click away."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import streamlit as st
 
 from app.cypher import CypherError, CypherRejected, run_read_query
 from app.layout import figure
-from app.resources import config, driver, show_error
+from app.resources import config, console_driver, driver, show_error
 from app.shaping import result_graph_drawable
 
 EXAMPLES: dict[str, str] = {
@@ -28,8 +29,8 @@ EXAMPLES: dict[str, str] = {
 st.title("Cypher console")
 cfg = config()
 st.caption(
-    f"Read-only: write clauses are refused, the server plans the query first and it runs in a READ session; "
-    f"timeout {cfg.query_timeout_s:g} s, at most {cfg.row_cap:,} rows."
+    f"Read-only: write and admin clauses are refused, the server plans the query first and it runs in a READ "
+    f"transaction; timeout {cfg.query_timeout_s:g} s, at most {cfg.row_cap:,} rows and {cfg.console_max_mb:g} MB."
 )
 
 
@@ -46,7 +47,14 @@ if st.button("Run", type="primary", key="run_cypher"):
     try:
         with st.spinner("Running…"):
             st.session_state["cypher_result"] = run_read_query(
-                driver(cfg), query, database=cfg.neo4j_database, timeout_s=cfg.query_timeout_s, row_cap=cfg.row_cap
+                console_driver(cfg),
+                query,
+                database=cfg.neo4j_database,
+                timeout_s=cfg.query_timeout_s,
+                row_cap=cfg.row_cap,
+                max_bytes=int(cfg.console_max_mb * 2**20),
+                max_value_bytes=int(cfg.console_max_mb * 2**20 / 4),
+                admin_driver=driver(cfg),
             )
     except CypherRejected as err:
         st.session_state.pop("cypher_result", None)
@@ -62,7 +70,7 @@ result = st.session_state.get("cypher_result")
 if result is not None:
     st.caption(f"{len(result.rows)} row(s) in {result.seconds * 1000:.0f} ms")
     if result.truncated:
-        st.warning(f"Only the first {len(result.rows):,} rows are shown (row cap).")
+        st.warning(result.truncated_reason[:1].upper() + result.truncated_reason[1:] + ".")
     frame = pd.DataFrame(result.rows, columns=result.columns)
     st.dataframe(frame.map(lambda v: v if isinstance(v, int | float | str | bool) or v is None else str(v)),
                  hide_index=True, key="cypher_table")  # fmt: skip

@@ -63,9 +63,13 @@ ENV_PASSWORD = "NEO4J_PASSWORD"
 ENV_DATABASE = "NEO4J_DATABASE"
 URI_SCHEMES = frozenset({"bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc"})
 
+# No `-XX:+ExitOnOutOfMemoryError`: Neo4j does not track every allocation against its transaction memory limits (a
+# list comprehension such as `[x IN range(1, 10^8) | toString(x)]` is not tracked, measured on 5.26.30), so one
+# read query can still fill the heap. With the flag the JVM exits and the store goes down with it; without it the
+# allocating query fails with `Neo.TransientError.General.OutOfMemoryError`, its garbage is freed, and the server
+# keeps serving (measured: the next `RETURN 1` and writes succeed).
 JVM_FLAGS: tuple[str, ...] = (
     "-XX:+UseG1GC",
-    "-XX:+ExitOnOutOfMemoryError",
     "-Dfile.encoding=UTF-8",
     "--add-opens=java.base/java.nio=ALL-UNNAMED",
     "--add-opens=java.base/java.io=ALL-UNNAMED",
@@ -75,6 +79,27 @@ JVM_FLAGS: tuple[str, ...] = (
 )
 
 _LOG_TAIL_CHARS = 4000
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a JVM/Neo4j size such as `512m`, `1g`, `1024k` or `4096`."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if match is None:
+        raise ValueError(f"not a size: {text!r}")
+    return int(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " ")
+
+
+def transaction_memory(heap_max: str) -> dict[str, str]:
+    """Transaction memory limits sized from the heap: one transaction may use a quarter of it, all together half.
+
+    Neo4j fails a transaction that goes past either (`Neo.TransientError.General.MemoryPoolOutOfMemoryError`) and
+    stays up; without them one `collect()` over a large range fills the heap. Values in MiB, as neo4j.conf reads them.
+    """
+    heap_mib = max(parse_size(heap_max) // 2**20, 64)
+    return {
+        "db.memory.transaction.max": f"{max(heap_mib // 4, 16)}m",
+        "dbms.memory.transaction.total.max": f"{max(heap_mib // 2, 32)}m",
+    }
 
 
 class Neo4jServerError(RuntimeError):
@@ -399,6 +424,8 @@ class LocalNeo4jServer:
             "dbms.security.auth_enabled": "true",
             "dbms.usage_report.enabled": "false",
             "server.memory.pagecache.size": self.pagecache,
+            # Memory bounds for every transaction (the Cypher console's above all): see `transaction_memory`.
+            **transaction_memory(self.heap_max),
             "server.directories.data": str(self.data_dir),
             "server.directories.logs": str(self.logs_dir),
             "server.directories.run": str(self.run_dir),
