@@ -396,6 +396,8 @@ def test_prompt_graph_and_overview(q: AtlasQueries, world: World) -> None:
     assert ov.agg_edges > 0 and ov.schema_version is not None
     listed = q.list_prompts(task="capitals", contains=world.tag).rows
     assert [p.prompt_id for p in listed] == sorted(world.pid(n) for n in PLANT_SCALE)
+    by_id = q.list_prompts(prompt_ids=[world.pid("o1"), world.pid("c0"), "no-such-prompt"]).rows
+    assert [p.prompt_id for p in by_id] == sorted([world.pid("o1"), world.pid("c0")])
 
 
 def test_find_features_by_key_label_and_top_token(

@@ -569,7 +569,7 @@ RETURN version, models, transcoders, runs, prompts, by_task, features, tokens, i
 _LIST_PROMPTS: LiteralString = """
 MATCH (p:Prompt)
 WHERE ($task IS NULL OR p.task = $task) AND ($run IS NULL OR p.run = $run)
-  AND ($contains IS NULL OR toLower(p.text) CONTAINS toLower($contains))
+  AND ($contains IS NULL OR toLower(p.text) CONTAINS toLower($contains)) AND ($ids IS NULL OR p.id IN $ids)
 RETURN properties(p) AS p ORDER BY p.id LIMIT $limit
 """
 
@@ -968,12 +968,19 @@ class AtlasQueries:
         return self._result([row], _OVERVIEW, {}, started)
 
     def list_prompts(
-        self, *, task: str | None = None, run: str | None = None, contains: str | None = None, limit: int = 100
+        self,
+        *,
+        task: str | None = None,
+        run: str | None = None,
+        contains: str | None = None,
+        prompt_ids: Sequence[str] | None = None,
+        limit: int = 100,
     ) -> QueryResult[PromptSummary]:
-        """Stored prompts, optionally filtered by task, run, or a case-blind substring of the text."""
+        """Stored prompts, optionally filtered by task, run, a case-blind substring of the text, or their ids."""
         _check_int("limit", limit, 1, MAX_LIMIT)
+        ids = None if prompt_ids is None else _check_strings("prompt_ids", prompt_ids)
         started = time.perf_counter()
-        params = {"task": task, "run": run, "contains": contains, "limit": limit}
+        params = {"task": task, "run": run, "contains": contains, "ids": ids, "limit": limit}
         rows = []
         for r in self._read(_LIST_PROMPTS, params):
             p = r["p"]
