@@ -440,3 +440,25 @@ def test_results_are_typed_and_frozen(q: AtlasQueries, world: World) -> None:
         result.rows[0].strength = 0.0  # type: ignore[misc]
     assert isinstance(result.rows, tuple) and isinstance(result.rows[0].nodes, tuple)
     assert result.params["sources"] == [world.key(DALLAS)] and "{1,1}" in result.cypher
+
+
+def test_cli_paths_from_an_input_token(
+    world: World, neo4j_connection: Neo4jConnection, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from atlas_cli.main import app
+
+    for name, value in (("NEO4J_URI", neo4j_connection.uri), ("NEO4J_USER", neo4j_connection.user),
+                        ("NEO4J_PASSWORD", neo4j_connection.password), ("NEO4J_DATABASE", neo4j_connection.database),
+                        ("ATLAS_STATS_DB", str(tmp_path / "none.duckdb")), ("COLUMNS", "200")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    args = ["paths", "--at-token", "w3", "--target", " Austin", "--min-weight", "0.05", "--model", world.model]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"L{DALLAS[0]}/{DALLAS[1]}@3 → L{TEXAS[0]}/{TEXAS[1]}@3 → L{CAPITAL[0]}/{CAPITAL[1]}@5 → ' Austin'" in (
+        result.output
+    )
+    assert "features active on 'w3'" in result.output and "what the paths pass through" in result.output
+    missing = CliRunner().invoke(app, ["paths", "--target", " Austin"])
+    assert missing.exit_code == 2 and "give --feature, --at-token, or both" in missing.output
