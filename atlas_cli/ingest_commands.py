@@ -98,13 +98,17 @@ def demo(
     ] = 24,
     workers: Annotated[int | None, typer.Option(min=1, help="Dask workers for the ingest.")] = None,
     max_feature_nodes: Annotated[int, typer.Option(min=1, help="Cap on feature nodes per demo graph.")] = 256,
+    state_capitals: Annotated[
+        bool, typer.Option(help="Also ingest the Dallas/state-capital set with the correct capital as target.")
+    ] = True,
 ) -> None:
-    """Train (or reuse) a small CLT on the default model, ingest the demo corpus, print where to explore it."""
+    """Train (or reuse) a small CLT on the default model, ingest the demo corpus (and the state-capital set that the
+    Dallas query needs), print where to explore it."""
     from atlas.training.activations import StreamConfig
     from atlas.training.trainer import TRANSCODER_DIR, TrainConfig
-    from ingest.demo_corpus import demo_subset
+    from ingest.demo_corpus import demo_subset, state_capital_prompts, state_capitals_path
     from ingest.pipeline import IngestOptions
-    from ingest.settings import AttributionSettings
+    from ingest.settings import TARGET_ANSWER, AttributionSettings
 
     transcoder_dir = out / TRANSCODER_DIR
     try:
@@ -134,12 +138,31 @@ def demo(
                 settings=AttributionSettings(max_feature_nodes=max_feature_nodes),
             )
         )
+        done = report.done
+        if state_capitals:
+            # The default model gets these two-hop facts wrong, so the target is the record's correct answer (its
+            # single token, e.g. " Austin"), whatever the model's top prediction is.
+            done += run_ingest_command(
+                IngestOptions(
+                    corpus=state_capitals_path(),
+                    transcoders=transcoder_dir,
+                    model=DEFAULT_MODEL,
+                    workers=workers,
+                    run="demo-state-capitals",
+                    settings=AttributionSettings(targets=(TARGET_ANSWER,), max_feature_nodes=max_feature_nodes),
+                )
+            ).done
     except _ingest_errors() as err:
         fail(err)
     console.print(
-        f"[bold green]demo ready[/]: {report.done} prompt graphs in Neo4j at {report.neo4j_uri} (managed server: "
+        f"[bold green]demo ready[/]: {done} prompt graphs in Neo4j at {report.neo4j_uri} (managed server: "
         f"`atlas db status`), feature statistics in {report.stats_db}. Explore them with `atlas app`."
     )
+    if state_capitals:
+        capitals = " ".join(f"--target {a!r}" for a in dict.fromkeys(p.answer for p in state_capital_prompts()))
+        console.print(
+            f"Paths from the features on ' Dallas' to capital logits: atlas paths --at-token ' Dallas' {capitals}"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -354,6 +354,33 @@ def test_path_query_returns_the_planted_paths(app_env: AtlasFixture) -> None:
     assert "Give at least one target token." in errors(at)
 
 
+def test_paths_page_examples_and_input_token_sources(app_env: AtlasFixture) -> None:
+    """The first example is the Dallas query (it fills the form); an input token as the source finds the planted path
+    from the feature active on that token (this tiny store has no " Dallas", so the token comes from the oracle)."""
+    at = app_test("views/paths.py")
+    at.button(key="path_example_0").click().run()
+    assert at.text_input(key="path_token").value == " Dallas"
+    assert "Austin" in at.text_area(key="path_targets").value and at.text_area(key="path_sources").value == ""
+    path = app_env.one_hop
+    position = int(path.node_ids[0].rsplit("_", 1)[1])
+    token = app_env.token_strings[path.prompt_id][position]
+    at.text_input(key="path_token").input(token)
+    at.text_area(key="path_targets").input(path.target)
+    at.number_input(key="path_hops").set_value(1)
+    at.button(key="run_paths").click().run()
+    assert not errors(at), errors(at)
+    table = frames(at, "rank", "path")[0]
+    row = table[(table["prompt"] == path.prompt_id) & (table["path"] == " → ".join(path.node_ids))]
+    assert len(row) == 1 and float(row["strength"].iloc[0]) == pytest.approx(path.weights[0], rel=1e-5)
+    for pid, first in zip(table["prompt"], (p.split(" → ")[0] for p in table["path"]), strict=True):
+        assert app_env.token_strings[pid][int(first.rsplit("_", 1)[1])].strip() == token.strip()  # starts on it
+    assert any("input token" in c.value for c in at.caption)
+    at.text_input(key="path_token").input("").run()
+    at.text_area(key="path_sources").input("").run()
+    at.button(key="run_paths").click().run()
+    assert "Give an input token, or pick or type at least one source feature." in errors(at)
+
+
 def test_cypher_console_rejects_writes_and_returns_rows(app_env: AtlasFixture, neo4j_driver: Driver) -> None:
     count = "MATCH (n) RETURN count(n) AS n"
     before = neo4j_driver.execute_query(count).records[0]["n"]

@@ -531,3 +531,21 @@ def test_neo4j_restart_mid_ingest(
         assert digest["prompts"] == digest["distinct"] == 12 and digest["edges"] == report.edges_written
     finally:
         delete_prompts(neo4j_driver, ids)
+
+
+def test_state_capital_set_is_shipped_unfiltered_with_answers() -> None:
+    """The Dallas/state-capital set: every generated prompt is shipped (none filtered by the model), tagged with its
+    task and correct capital, with the model's check recorded; Dallas appears in every template."""
+    from ingest.demo_corpus import STATE_CAPITALS_TASK, state_capital_prompts, state_capitals_path
+
+    generated = state_capital_prompts()
+    shipped = [json.loads(line) for line in state_capitals_path().read_text(encoding="utf-8").splitlines() if line]
+    assert len(generated) >= 8
+    assert [(r["text"], r["answer"]) for r in shipped] == [(p.text, p.answer) for p in generated]
+    assert all(r["task"] == STATE_CAPITALS_TASK and {"p_answer", "top1", "model_top1"} <= set(r) for r in shipped)
+    dallas = [p for p in generated if "Dallas" in p.text]
+    assert len({p.template for p in dallas}) == len({p.template for p in generated}) >= 2
+    assert {p.answer for p in dallas} == {" Austin"}
+    records, issues = read_corpus(state_capitals_path())
+    assert not issues and all(r.meta == {"task": STATE_CAPITALS_TASK, "answer": g.answer}
+                              for r, g in zip(records, generated, strict=True))  # fmt: skip

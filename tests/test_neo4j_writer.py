@@ -716,3 +716,30 @@ def test_background_aggregator_names_the_prompts_it_could_not_add(neo4j_driver: 
     aggregator.close()  # the backlog was reported once; closing stops the thread
     with pytest.raises(RuntimeError, match="closed"):
         aggregator.submit("prompt-c")
+
+
+def _unknown_key_notifications(driver: Driver, db: str, statement: str) -> list[str]:
+    summary = driver.execute_query("EXPLAIN " + statement, database_=db).summary
+    return [s.status_description for s in summary.gql_status_objects if s.gql_status == "01N52"]  # unknown key
+
+
+def test_reading_the_aggregated_flag_sends_no_unknown_property_notification(neo4j_driver: Driver, db: str) -> None:
+    """On a new store no Prompt has the `aggregated` property yet, and `p.aggregated` made the server send an
+    "unknown property key" warning that the driver logged during every first `make demo`. Every statement that reads
+    the flag is compiled here with the key renamed to one that exists nowhere, which is the new store's situation."""
+    from atlas.storage import aggregate, neo4j_writer
+
+    missing = f"aggregated_{uuid.uuid4().hex}"
+    control = f"MATCH (p:Prompt) WHERE p.{missing} RETURN p"
+    assert _unknown_key_notifications(neo4j_driver, db, control), "the server no longer reports unknown keys"
+    statements = {
+        f"{module.__name__}.{name}": value
+        for module in (aggregate, neo4j_writer)
+        for name, value in vars(module).items()
+        if name.startswith("_") and isinstance(value, str) and "aggregated" in value and "(p:Prompt" in value
+    }
+    assert {"atlas.storage.aggregate._UNAGGREGATED", "atlas.storage.aggregate._READ_FLAG",
+            "atlas.storage.neo4j_writer._MERGE_PROMPT"} <= set(statements)  # fmt: skip
+    for name, statement in statements.items():
+        renamed = statement.replace("aggregated", missing)
+        assert _unknown_key_notifications(neo4j_driver, db, renamed) == [], name

@@ -238,6 +238,50 @@ def test_path_query_rejects_bad_input(q: AtlasQueries, world: World, kwargs: dic
         q.paths_to_logits(args.pop("sources"), args.pop("target_tokens"), **args)
 
 
+def test_paths_and_features_from_an_input_token(q: AtlasQueries, world: World) -> None:
+    """Sources given as "features active on an input token": here w3, the token at position 3 of every prompt, where
+    the planted Dallas (and Texas) features sit."""
+    at_pos3 = {
+        name: {world.key(f[:2]) for f in spec.features.values() if f[2] == 3} for name, spec in world.specs.items()
+    }
+    on = q.features_on_token("w3", model=world.model)
+    check_result(on)
+    by_key = {r.feature_key: r for r in on.rows}
+    assert set(by_key) == set().union(*at_pos3.values())  # exactly the features stored at position 3
+    dallas = by_key[world.key(DALLAS)]
+    assert dallas.n_prompts == 5 and dallas.prompt_ids == tuple(sorted(world.pid(n) for n in PLANT_SCALE))
+    assert dallas.token_text == "w3" and dallas.label == "Dallas (city)" and dallas.max_activation == pytest.approx(2.4)
+    assert on.rows[0].n_prompts == 5  # most prompts first
+    assert world.key(CAPITAL) not in by_key  # active at position 5 only
+    only_o0 = q.features_on_token("w3", model=world.model, prompt_ids=[world.pid("o0")]).rows
+    assert {r.feature_key for r in only_o0} == at_pos3["o0"] and all(r.n_prompts == 1 for r in only_o0)
+
+    result = q.paths_to_logits(None, [" Austin"], max_hops=3, min_abs_weight=0.05, limit=200, at_token="w3",
+                               model=world.model)  # fmt: skip
+    check_result(result)
+    rows = result.rows
+    assert rows[0].prompt_id == world.pid("c2") and rows[0].source_key == world.key(DALLAS) and rows[0].hops == 3
+    assert all(r.nodes[0].position == 3 and r.nodes[0].key in at_pos3[_name(world, r.prompt_id)] for r in rows)
+    assert {r.source_key for r in rows} >= {world.key(DALLAS), world.key(TEXAS)}
+    # The same as the feature-sourced query restricted to those activations: Dallas sits only at position 3.
+    by_feature = q.paths_to_logits([world.key(DALLAS)], [" Austin"], max_hops=3, min_abs_weight=0.05, limit=200)
+    assert sorted((r.prompt_id, r.weights) for r in rows if r.source_key == world.key(DALLAS)) == sorted(
+        (r.prompt_id, r.weights) for r in by_feature.rows
+    )
+    both = q.paths_to_logits(["Texas"], [" Austin"], max_hops=3, at_token="w3", model=world.model).rows
+    assert both and {r.source_key for r in both} == {world.key(TEXAS)}
+    with pytest.raises(QueryError, match="give source features, an input token"):
+        q.paths_to_logits(None, [" Austin"])
+    with pytest.raises(QueryError, match="unknown token"):
+        q.paths_to_logits(None, [" Austin"], at_token=f"no-such-token-{world.tag}")
+    with pytest.raises(QueryError, match="non-empty"):
+        q.features_on_token("  ")
+
+
+def _name(world: World, prompt_id: str) -> str:
+    return next(name for name, spec in world.specs.items() if spec.pid == prompt_id)
+
+
 def test_top_features_for_logit_aggregate_and_evidence(q: AtlasQueries, world: World) -> None:
     result = q.top_features_for_logit(" Austin", model=world.model, evidence=2)
     check_result(result)
@@ -352,6 +396,8 @@ def test_prompt_graph_and_overview(q: AtlasQueries, world: World) -> None:
     assert ov.agg_edges > 0 and ov.schema_version is not None
     listed = q.list_prompts(task="capitals", contains=world.tag).rows
     assert [p.prompt_id for p in listed] == sorted(world.pid(n) for n in PLANT_SCALE)
+    by_id = q.list_prompts(prompt_ids=[world.pid("o1"), world.pid("c0"), "no-such-prompt"]).rows
+    assert [p.prompt_id for p in by_id] == sorted([world.pid("o1"), world.pid("c0")])
 
 
 def test_find_features_by_key_label_and_top_token(
@@ -394,3 +440,25 @@ def test_results_are_typed_and_frozen(q: AtlasQueries, world: World) -> None:
         result.rows[0].strength = 0.0  # type: ignore[misc]
     assert isinstance(result.rows, tuple) and isinstance(result.rows[0].nodes, tuple)
     assert result.params["sources"] == [world.key(DALLAS)] and "{1,1}" in result.cypher
+
+
+def test_cli_paths_from_an_input_token(
+    world: World, neo4j_connection: Neo4jConnection, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from atlas_cli.main import app
+
+    for name, value in (("NEO4J_URI", neo4j_connection.uri), ("NEO4J_USER", neo4j_connection.user),
+                        ("NEO4J_PASSWORD", neo4j_connection.password), ("NEO4J_DATABASE", neo4j_connection.database),
+                        ("ATLAS_STATS_DB", str(tmp_path / "none.duckdb")), ("COLUMNS", "200")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    args = ["paths", "--at-token", "w3", "--target", " Austin", "--min-weight", "0.05", "--model", world.model]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"L{DALLAS[0]}/{DALLAS[1]}@3 → L{TEXAS[0]}/{TEXAS[1]}@3 → L{CAPITAL[0]}/{CAPITAL[1]}@5 → ' Austin'" in (
+        result.output
+    )
+    assert "features active on 'w3'" in result.output and "what the paths pass through" in result.output
+    missing = CliRunner().invoke(app, ["paths", "--target", " Austin"])
+    assert missing.exit_code == 2 and "give --feature, --at-token, or both" in missing.output

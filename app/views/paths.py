@@ -1,5 +1,7 @@
-"""Paths across prompts: from source features (picked via search) to target logit tokens; hop limit and minimum
-|weight|; ranked table, per-prompt drill-down and a merged graph of all paths found."""
+"""Paths across prompts: from source features (picked via search, or every feature active on an input token) to
+target logit tokens; hop limit and minimum |weight|; ranked table, per-prompt drill-down and a merged graph of all
+paths found. Example queries fill the form in one click; the first is the project's own question, "paths from the
+Dallas feature to capital logits across prompts" (the state-capital set that `atlas demo` ingests)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,26 @@ from app.resources import show_error, store
 from app.shaping import merged_path_graph, parse_list, path_rows, per_prompt_summary
 from app.store import path_graph
 
+# name -> (input token, source features (one per line), target tokens, hops, min |weight|)
+EXAMPLES: dict[str, tuple[str, str, str, int, float]] = {
+    "Dallas → state capitals": (
+        " Dallas",
+        "",
+        " Austin, Springfield, Sacramento, Albany, Columbus, Nashville, Phoenix, Atlanta",
+        3,
+        0.0,
+    ),
+    "France → Paris": (" France", "", " Paris", 3, 0.0),
+    "Mary → Mary (IOI)": (" Mary", "", " Mary", 2, 0.0),
+}
+
+
+def load_example(name: str) -> None:
+    token, sources, targets, hops, min_w = EXAMPLES[name]
+    st.session_state.update(path_token=token, path_sources=sources, path_targets=targets, path_hops=hops,
+                            path_min_w=min_w, path_source_search="")  # fmt: skip
+
+
 st.title("Paths across prompts")
 try:
     s = store()
@@ -18,7 +40,16 @@ except Exception as err:
     show_error(err, "cannot reach the store")
     st.stop()
 
-st.markdown("**1. Source features** — search, then pick; or type feature keys, labels or top tokens directly.")
+st.caption("Examples (fill the form; then press Find paths)")
+cols = st.columns(len(EXAMPLES))
+for i, name in enumerate(EXAMPLES):
+    cols[i].button(name, key=f"path_example_{i}", on_click=load_example, args=(name,), use_container_width=True)
+
+st.markdown(
+    "**1. Source features** — every feature active on an input token (e.g. ` Dallas`), and/or features picked by "
+    "search or typed as keys, labels or top tokens (with a token too: only those features, on that token)."
+)
+at_token = st.text_input("Features active on the input token", key="path_token", placeholder=" Dallas")
 search = st.text_input("Search features", key="path_source_search")
 picked: list[str] = []
 if search.strip():
@@ -41,16 +72,18 @@ limit = c3.number_input("Max paths", 1, 2000, 100, key="path_limit")
 if st.button("Find paths", type="primary", key="run_paths"):
     sources = list(dict.fromkeys([*picked, *parse_list(typed)]))
     targets = parse_list(targets_text)
-    if not sources:
-        st.error("Pick or type at least one source feature.")
+    token = at_token if at_token.strip() else None
+    if not sources and token is None:
+        st.error("Give an input token, or pick or type at least one source feature.")
     elif not targets:
         st.error("Give at least one target token.")
     else:
         try:
             with st.spinner("Searching paths across prompts…"):
                 st.session_state["path_result"] = s.q.paths_to_logits(
-                    sources, targets, max_hops=int(hops), min_abs_weight=float(min_w), limit=int(limit)
-                )
+                    sources or None, targets, max_hops=int(hops), min_abs_weight=float(min_w), limit=int(limit),
+                    at_token=token,
+                )  # fmt: skip
         except Exception as err:
             st.session_state.pop("path_result", None)
             show_error(err, "path query failed")

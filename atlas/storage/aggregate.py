@@ -243,13 +243,19 @@ WITH g, n, mx AS new_mx, coalesce(g.max_abs_weight, 0.0) AS current, coalesce(g.
     + _SET_ALL
 )
 
+# The flag is read as `properties(p).aggregated` in every statement, never `p.aggregated`: on a store where no
+# Prompt has been flagged yet the property key does not exist, and the server answers `p.aggregated` with an
+# "unknown property key" warning notification, which the driver logs (once per ingest, on every new store, with
+# nothing for the user to do). `properties(p)` names no key, so the plan is the same and no notification is sent.
 # Stored Prompts among $pids not aggregated yet (read without locks), in chunks of `_READ_CHUNK` ids.
 _UNAGGREGATED: LiteralString = """
 UNWIND $pids AS pid
-MATCH (p:Prompt {id: pid}) WHERE NOT coalesce(p.aggregated, false)
+MATCH (p:Prompt {id: pid}) WHERE NOT coalesce(properties(p).aggregated, false)
 RETURN p.id AS id ORDER BY id
 """
 _READ_CHUNK = 5000
+
+_READ_FLAG: LiteralString = "MATCH (p:Prompt {id: $pid}) RETURN properties(p).aggregated AS a"
 
 # Write-lock the Prompts among $pids (sorted by the caller) and flag the ones not aggregated yet; returns those. The
 # flag read in the first SET may predate a transaction that held the lock, but every transaction that sets the flag
@@ -257,8 +263,8 @@ _READ_CHUNK = 5000
 _CLAIM_UNAGGREGATED: LiteralString = """
 UNWIND $pids AS pid
 MATCH (p:Prompt {id: pid})
-SET p.aggregated = coalesce(p.aggregated, false)
-WITH p WHERE NOT p.aggregated
+SET p.aggregated = coalesce(properties(p).aggregated, false)
+WITH p WHERE NOT properties(p).aggregated
 SET p.aggregated = true
 RETURN p.id AS id
 """
@@ -364,7 +370,7 @@ def _lock_and_read_flag(tx: ManagedTransaction, prompt_id: str) -> bool | None:
     before the lock is granted, so it could read (and write back) the flag from before the transaction holding the
     lock committed."""
     tx.run("MATCH (p:Prompt {id: $pid}) SET p.schema_version = $v", pid=prompt_id, v=SCHEMA_VERSION).consume()
-    record = tx.run("MATCH (p:Prompt {id: $pid}) RETURN p.aggregated AS a", pid=prompt_id).single()
+    record = tx.run(_READ_FLAG, pid=prompt_id).single()
     return None if record is None else bool(record["a"])
 
 

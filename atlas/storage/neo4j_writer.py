@@ -102,7 +102,8 @@ _DELETE_PROMPT_NODES: LiteralString = _PROMPT_NODES + " DETACH DELETE n"
 # Write-lock the Prompt (creating it if new) BEFORE anything reads its `aggregated` flag: an expression such as
 # `SET p.x = coalesce(p.aggregated, ...)` reads the flag before it waits for the lock, so it may read the value from
 # before a concurrent aggregator batch commits. A pipelined write that read "not aggregated" that way skipped the
-# subtraction of a version the aggregator had just added, and the layer counted the prompt twice.
+# subtraction of a version the aggregator had just added, and the layer counted the prompt twice. (The flag is read
+# through `properties(p)`: see `atlas.storage.aggregate` on the unknown-property-key notification.)
 _LOCK_PROMPT: LiteralString = "MERGE (p:Prompt {id: $pid}) SET p.schema_version = $version"
 
 _MERGE_PROMPT: LiteralString = """
@@ -110,7 +111,7 @@ MERGE (m:Model {name: $model})
 MERGE (t:Transcoder {id: $transcoder}) ON CREATE SET t.model = $model
 MERGE (t)-[:FOR]->(m)
 MERGE (p:Prompt {id: $pid})
-WITH p, coalesce(p.aggregated, false) AS was_aggregated
+WITH p, coalesce(properties(p).aggregated, false) AS was_aggregated
 SET p = $props
 RETURN was_aggregated
 """

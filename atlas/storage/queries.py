@@ -8,6 +8,8 @@ mode) with a server-side timeout (`timeout_s`), so a query can neither write nor
     q = AtlasQueries(driver, stats=FeatureStatsStore(path))          # stats optional (top-token search)
     q.find_features("Dallas")                                         # by key, label or top token
     q.paths_to_logits(["Texas"], [" Austin", " Sacramento"], max_hops=3, min_abs_weight=0.05)
+    q.paths_to_logits(None, [" Austin"], at_token=" Dallas")            # from every feature active on " Dallas"
+    q.features_on_token(" Dallas")                                    # which features those are, across prompts
     q.top_features_for_logit(" Austin")                               # aggregate + per-prompt evidence
     q.neighbourhood(key, direction="down")                            # aggregated; prompt_id=... for one prompt
     q.prompts_where_feature_matters(key, by="influence")
@@ -20,6 +22,9 @@ Definitions:
   `min_abs_weight`. Its `strength` is the product of its edge weights (signed: negative = inhibiting); paths are
   ranked by |strength|, then by `bottleneck` (its smallest |weight|). Weights are direct effects, so |strength| is
   the attribution carried along that one route and longer routes are naturally discounted.
+- `at_token` restricts a path's source activations to positions whose input token is that text (in the same
+  prompt): "features active on ' Dallas'". Only the activations the pruned graph kept are stored, so these are the
+  features active there that mattered for the prompt's targets, not every feature that fired.
 - Token text matching is exact, or equal after stripping surrounding whitespace (" Austin" matches "Austin").
 - Feature references (`sources`, `feature_key`) are Feature keys ("transcoder/layer/index"), or labels / top tokens
   resolved through `find_features` (a reference matching nothing raises `QueryError`).
@@ -122,6 +127,22 @@ class LogitPath:
     hops: int
     nodes: tuple[PathNode, ...]
     weights: tuple[float, ...]  # weights[i] is the edge nodes[i] -> nodes[i + 1]
+
+
+@dataclass(frozen=True)
+class TokenFeature:
+    """A feature active at positions whose input token has the given text, summed over the prompts holding it."""
+
+    feature_key: str
+    layer: int
+    index: int
+    label: str | None
+    token_text: str  # the input token's text as stored
+    n_prompts: int  # prompts in which it is active at such a position
+    n_activations: int
+    mean_activation: float
+    max_activation: float
+    prompt_ids: tuple[str, ...]  # sorted
 
 
 @dataclass(frozen=True)
@@ -351,6 +372,55 @@ RETURN a.prompt_id AS prompt_id, f.key AS source, t.text AS target, strength, bo
 """
 )
 
+# Paths as in `_PATHS`, but from every stored activation at a position whose input token is one of `$source_tokens`
+# (optionally only of the features `$sources`). Anchored on the Token key index, then each InputToken instance's
+# prompt through the composite Instance(prompt_id, node_index) index.
+_PATHS_FROM_TOKEN: LiteralString = (
+    """
+MATCH (t0:Token) WHERE t0.key IN $targets
+MATCH (t0)<-[:OF]-(l0:LogitTarget)
+WITH collect(DISTINCT l0.prompt_id) AS candidates
+MATCH (s:Token) WHERE s.key IN $source_tokens
+MATCH (s)<-[:OF]-(i:InputToken)
+WHERE i.prompt_id IN candidates AND ($prompts IS NULL OR i.prompt_id IN $prompts)
+MATCH (a:Instance)
+WHERE a.prompt_id = i.prompt_id AND a.node_index IS NOT NULL AND a.position = i.position AND a:FeatureActivation
+MATCH (a)-[:OF]->(f:Feature) WHERE $sources IS NULL OR f.key IN $sources
+MATCH p = (a)(()-[r:EDGE WHERE abs(r.weight) >= $min_w]->()){HOPS}(l:LogitTarget WHERE l.token_id IN $target_ids)
+MATCH (l)-[:OF]->(t:Token) WHERE t.key IN $targets
+WITH f, a, p, t, [e IN relationships(p) | e.weight] AS ws
+WITH f, a, p, t, ws, reduce(s = 1.0, w IN ws | s * w) AS strength,
+     reduce(m = abs(ws[0]), w IN ws | CASE WHEN abs(w) < m THEN abs(w) ELSE m END) AS bottleneck
+ORDER BY abs(strength) DESC, bottleneck DESC, a.prompt_id
+LIMIT $limit
+CALL (p) {
+  UNWIND range(0, length(p)) AS i
+  WITH i, nodes(p)[i] AS n
+  OPTIONAL MATCH (n)-[:OF]->(x)
+  WITH i, """
+    + _NODE_MAP
+    + """ AS step ORDER BY i
+  RETURN collect(step) AS steps
+}
+RETURN a.prompt_id AS prompt_id, f.key AS source, t.text AS target, strength, bottleneck, ws, steps
+"""
+)
+
+# Features active at positions whose input token is one of `$tokens`, with how many prompts and how strongly.
+_FEATURES_ON_TOKEN: LiteralString = """
+MATCH (t:Token) WHERE t.key IN $tokens
+MATCH (t)<-[:OF]-(i:InputToken) WHERE $prompts IS NULL OR i.prompt_id IN $prompts
+MATCH (a:Instance)
+WHERE a.prompt_id = i.prompt_id AND a.node_index IS NOT NULL AND a.position = i.position AND a:FeatureActivation
+MATCH (a)-[:OF]->(f:Feature)
+WITH f, collect(DISTINCT t.text) AS texts, collect(DISTINCT a.prompt_id) AS pids, count(a) AS n,
+     avg(a.activation) AS mean_act, max(a.activation) AS max_act
+RETURN f.key AS key, f.layer AS layer, f.index AS index, f.label AS label, texts[0] AS text, pids, n, mean_act,
+       max_act
+ORDER BY size(pids) DESC, max_act DESC, key
+LIMIT $limit
+"""
+
 _TOP_FOR_LOGIT: LiteralString = (
     """
 MATCH (t:Token) WHERE t.key IN $targets
@@ -499,7 +569,7 @@ RETURN version, models, transcoders, runs, prompts, by_task, features, tokens, i
 _LIST_PROMPTS: LiteralString = """
 MATCH (p:Prompt)
 WHERE ($task IS NULL OR p.task = $task) AND ($run IS NULL OR p.run = $run)
-  AND ($contains IS NULL OR toLower(p.text) CONTAINS toLower($contains))
+  AND ($contains IS NULL OR toLower(p.text) CONTAINS toLower($contains)) AND ($ids IS NULL OR p.id IN $ids)
 RETURN properties(p) AS p ORDER BY p.id LIMIT $limit
 """
 
@@ -648,11 +718,17 @@ class AtlasQueries:
             raise QueryError(f"feature reference {feature_key!r} is ambiguous ({len(keys)} features); use a key")
         return keys[0]
 
+    def _token_keys(self, token: str, model: str | None) -> list[str]:
+        """The Token keys of one input-token text (QueryError when it is not a non-empty string or unknown)."""
+        if not isinstance(token, str) or not token.strip():
+            raise QueryError(f"the input token must be a non-empty string, got {token!r}")
+        return sorted(self.resolve_tokens([token], model=model)[token])
+
     # -- queries -------------------------------------------------------------------------------------------------
 
     def paths_to_logits(
         self,
-        sources: str | Sequence[str],
+        sources: str | Sequence[str] | None,
         target_tokens: str | Sequence[str],
         *,
         max_hops: int = 3,
@@ -660,25 +736,59 @@ class AtlasQueries:
         limit: int = 25,
         prompt_ids: Sequence[str] | None = None,
         model: str | None = None,
+        at_token: str | None = None,
     ) -> QueryResult[LogitPath]:
-        """Strongest paths, across prompts, from the source features to logit targets of the given token texts."""
+        """Strongest paths, across prompts, from the source features to logit targets of the given token texts.
+
+        With `at_token`, paths start only at activations whose position holds that input token (exact or
+        whitespace-stripped text), e.g. `paths_to_logits(None, [" Austin"], at_token=" Dallas")`: from the features
+        active on " Dallas"; `sources` (optional then) further restricts them to those features."""
         hops = _check_int("max_hops", max_hops, 1, self.max_hops)
         min_w = _check_weight("min_abs_weight", min_abs_weight)
         _check_int("limit", limit, 1, MAX_LIMIT)
         prompts = None if prompt_ids is None else _check_strings("prompt_ids", prompt_ids)
+        if sources is None and at_token is None:
+            raise QueryError("give source features, an input token (at_token), or both")
         started = time.perf_counter()
-        keys, notes = self.resolve_features(sources)
+        keys, notes = (None, []) if sources is None else self.resolve_features(sources)
         targets = sorted({k for ks in self.resolve_tokens(target_tokens, model=model).values() for k in ks})
-        cypher = _PATHS.replace("{HOPS}", "{1," + str(hops) + "}")
         target_ids = sorted({int(k.rsplit("/", 1)[1]) for k in targets})  # keys are "model/id" (token_key)
-        params = {"sources": keys, "targets": targets, "target_ids": target_ids, "min_w": min_w, "limit": limit,
-                  "prompts": prompts}  # fmt: skip
+        params: dict[str, Any] = {"sources": keys, "targets": targets, "target_ids": target_ids, "min_w": min_w,
+                                  "limit": limit, "prompts": prompts}  # fmt: skip
+        if at_token is None:
+            cypher = _PATHS.replace("{HOPS}", "{1," + str(hops) + "}")
+        else:
+            source_tokens = self._token_keys(at_token, model)
+            params["source_tokens"] = source_tokens
+            cypher = _PATHS_FROM_TOKEN.replace("{HOPS}", "{1," + str(hops) + "}")
+            notes.append(f"sources: activations on the input token {at_token!r} ({len(source_tokens)} token id(s))")
         rows = [
             LogitPath(r["prompt_id"], r["source"], r["target"], float(r["strength"]), float(r["bottleneck"]),
                       len(r["ws"]), tuple(_path_node(s) for s in r["steps"]), tuple(float(w) for w in r["ws"]))
             for r in self._read(cypher, params)
         ]  # fmt: skip
         return self._result(rows, cypher, params, started, notes)
+
+    def features_on_token(
+        self,
+        token: str,
+        *,
+        limit: int = 25,
+        prompt_ids: Sequence[str] | None = None,
+        model: str | None = None,
+    ) -> QueryResult[TokenFeature]:
+        """Features with a stored activation at a position whose input token is `token` (exact or whitespace-
+        stripped text), most prompts first, then largest activation: "the features active on ' Dallas'"."""
+        _check_int("limit", limit, 1, MAX_LIMIT)
+        prompts = None if prompt_ids is None else _check_strings("prompt_ids", prompt_ids)
+        started = time.perf_counter()
+        params = {"tokens": self._token_keys(token, model), "prompts": prompts, "limit": limit}
+        rows = [
+            TokenFeature(r["key"], int(r["layer"]), int(r["index"]), r["label"], str(r["text"]), len(r["pids"]),
+                         int(r["n"]), float(r["mean_act"]), float(r["max_act"]), tuple(sorted(r["pids"])))
+            for r in self._read(_FEATURES_ON_TOKEN, params)
+        ]  # fmt: skip
+        return self._result(rows, _FEATURES_ON_TOKEN, params, started)
 
     def top_features_for_logit(
         self,
@@ -858,12 +968,19 @@ class AtlasQueries:
         return self._result([row], _OVERVIEW, {}, started)
 
     def list_prompts(
-        self, *, task: str | None = None, run: str | None = None, contains: str | None = None, limit: int = 100
+        self,
+        *,
+        task: str | None = None,
+        run: str | None = None,
+        contains: str | None = None,
+        prompt_ids: Sequence[str] | None = None,
+        limit: int = 100,
     ) -> QueryResult[PromptSummary]:
-        """Stored prompts, optionally filtered by task, run, or a case-blind substring of the text."""
+        """Stored prompts, optionally filtered by task, run, a case-blind substring of the text, or their ids."""
         _check_int("limit", limit, 1, MAX_LIMIT)
+        ids = None if prompt_ids is None else _check_strings("prompt_ids", prompt_ids)
         started = time.perf_counter()
-        params = {"task": task, "run": run, "contains": contains, "limit": limit}
+        params = {"task": task, "run": run, "contains": contains, "ids": ids, "limit": limit}
         rows = []
         for r in self._read(_LIST_PROMPTS, params):
             p = r["p"]

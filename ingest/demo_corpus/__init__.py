@@ -10,7 +10,18 @@ probability ≥ `KEEP_PROBABILITY`, and records the per-task accuracy in `ACCURA
 - `addition`: single-digit sums in a few-shot format ("2+3=5, 4+1=5, 3+4=" → "7").
 
 `candidate_prompts()` generates every candidate (deterministically); `demo_corpus_path()` is the shipped, checked
-JSONL (fields `text`, `task`, `answer`, `template`). This module only builds text; it runs no model.
+JSONL (fields `text`, `task`, `answer`, `template`).
+
+A fifth set is *not* filtered by the model: `state_capitals` (`state_capital_prompts()`, shipped as
+`state_capitals_path()`), two-hop facts such as "Fact: the capital of the state containing Dallas is" → " Austin",
+city → state → capital. The default model gets every one of them wrong (its top-1 is " the", the city itself or the
+state), so the top-1 filter would keep none; they are ingested with the correct capital as the attribution target
+(`--targets answer`) whatever the model predicts, which is what the query "paths from the features active on
+' Dallas' to capital logits across prompts" needs. Every capital is one token with a leading space in the default
+model's vocabulary (checked by the tests), because an `answer` target is the answer's first token: capitals that
+split (" Tallahassee" → " Tall"…, " Olympia" → " Olymp"…) would be attributed on an ambiguous fragment, so Miami and
+Seattle are left out. Dallas is asked in every template, the other cities once. `check.py` records the model's
+probability and top-1 token for these too. This module only builds text; it runs no model.
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DEMO_CORPUS_FILE = "prompts.jsonl"
+STATE_CAPITALS_FILE = "state_capitals.jsonl"
+STATE_CAPITALS_TASK = "state_capitals"
 ACCURACY_FILE = "accuracy.json"
 KEEP_PROBABILITY = 0.3
 
@@ -61,6 +74,17 @@ _ANTONYM_TEMPLATES = (
     "The opposite of {word} is",
     "The word {word} is the opposite of the word",
     "hot and cold, big and small, {word} and",
+)
+# (city, its state's capital): the capitals are single tokens of the default model (" Austin" = 19292, ...).
+_STATE_CITIES = (
+    ("Dallas", "Austin"), ("Houston", "Austin"), ("San Antonio", "Austin"), ("Chicago", "Springfield"),
+    ("Los Angeles", "Sacramento"), ("San Francisco", "Sacramento"), ("Buffalo", "Albany"), ("Cleveland", "Columbus"),
+    ("Memphis", "Nashville"), ("Tucson", "Phoenix"), ("Savannah", "Atlanta"),
+)  # fmt: skip
+_STATE_TEMPLATES = (
+    "Fact: the capital of the state containing {city} is",
+    "The capital of the state where {city} is located is",
+    "Q: What is the capital of the state that {city} is in? A: The capital is",
 )
 _ADDITION_TEMPLATES = ("2+3=5, 4+1=5, {a}+{b}=", "1+1=2\n3+2=5\n{a}+{b}=")
 
@@ -109,6 +133,15 @@ def _addition() -> list[DemoPrompt]:
     return out
 
 
+def state_capital_prompts() -> list[DemoPrompt]:
+    """The two-hop city → state → capital set (not filtered by the model): Dallas in every template, others once."""
+    out = []
+    for city, capital in _STATE_CITIES:
+        for template in _STATE_TEMPLATES if city == "Dallas" else _STATE_TEMPLATES[:1]:
+            out.append(DemoPrompt(template.format(city=city), STATE_CAPITALS_TASK, f" {capital}", template))
+    return out
+
+
 def candidate_prompts() -> list[DemoPrompt]:
     """Every templated candidate, in a fixed order (before the model check)."""
     return _ioi() + _capitals() + _antonyms() + _addition()
@@ -121,6 +154,11 @@ def demo_corpus_dir() -> Path:
 def demo_corpus_path() -> Path:
     """The shipped JSONL of checked prompts (`text`, `task`, `answer`, `template`, `p_answer`)."""
     return demo_corpus_dir() / DEMO_CORPUS_FILE
+
+
+def state_capitals_path() -> Path:
+    """The shipped JSONL of the state-capital set, with the model's `p_answer`, `top1` and `model_top1` recorded."""
+    return demo_corpus_dir() / STATE_CAPITALS_FILE
 
 
 def demo_subset(target: Path, n: int) -> Path:
