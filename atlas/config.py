@@ -39,6 +39,9 @@ class PackagedGGUFModel:
     # Token that begins a sequence for this model when we need one (the tokenizer itself adds none).
     bos_token: str
     eos_token: str
+    # Sizes, so a transcoder set can be checked against the model without loading it (`atlas.models.dimensions`).
+    n_layers: int
+    d_model: int
 
 
 SMOLLM2_135M_INSTRUCT = PackagedGGUFModel(
@@ -49,6 +52,8 @@ SMOLLM2_135M_INSTRUCT = PackagedGGUFModel(
     hub_label="HuggingFaceTB/SmolLM2-135M-Instruct",
     bos_token="<|im_start|>",
     eos_token="<|im_end|>",
+    n_layers=30,
+    d_model=576,
 )
 
 PACKAGED_MODELS: dict[str, PackagedGGUFModel] = {SMOLLM2_135M_INSTRUCT.alias: SMOLLM2_135M_INSTRUCT}

@@ -70,6 +70,12 @@ def ingest(
     runs_root: Annotated[Path | None, typer.Option(help="Root of run directories (default: $ATLAS_RUNS_DIR).")] = None,
 ) -> None:
     """Attribute every prompt of a corpus on Dask and load graphs into Neo4j, statistics into DuckDB (resumable)."""
+    from ingest.preflight import INPUT_ERRORS, check_inputs
+
+    try:  # milliseconds, before the pipeline's imports (seconds): a bad input is refused at once
+        check_inputs(corpus, transcoders, model)
+    except INPUT_ERRORS as err:
+        fail(err)
     from ingest.pipeline import IngestOptions
     from ingest.settings import AttributionSettings
 

@@ -5,8 +5,9 @@ are already stored (the store is the source of truth, so a reloaded shard writes
 one transaction per prompt while a `BackgroundAggregator` adds the committed ones to the aggregate layer, then calls
 `after_write` with the shard's prompt ids (the pipeline's hook, `atlas.storage.aggregate.update_for_prompts`, which
 adds any the aggregator could not, e.g. after a crash or a restart of Neo4j), and queues the shard's
-statistics; `flush_stats()` merges queued statistics shards into DuckDB in one snapshot (`FeatureStatsStore` skips
-shards it has already merged, so reruns never double count). Neo4j being unreachable (a restart) is waited out:
+statistics (none for a shard whose every prompt failed: nothing of it is registered); `flush_stats()` merges queued
+statistics shards into DuckDB in one snapshot (`FeatureStatsStore` skips shards it has already merged, so reruns
+never double count). Neo4j being unreachable (a restart) is waited out:
 writes are retried with back-off for up to `retry_s` seconds.
 This module never computes graphs and never opens DuckDB except through `FeatureStatsStore`.
 """
@@ -148,7 +149,8 @@ class StoreLoader:
             hook, shard_ids = self.after_write, list(metas)
             retrying(lambda: hook(shard_ids), retry_s=self.retry_s, what="aggregate update", on_retry=self._retry_note)
         self.neo4j_seconds += time.perf_counter() - started
-        self._pending += sorted(shard.glob("stats-*"))
+        if metas:  # a shard whose every prompt failed has no statistics to register
+            self._pending += sorted(shard.glob("stats-*"))
         if time.monotonic() - self._last_flush >= self.stats_every_s:
             self.flush_stats()
         return ShardLoad(todo, sorted(already), n_nodes, n_edges, time.perf_counter() - started,

@@ -1,18 +1,26 @@
 """`run_ingest`: a prompt corpus in, attribution graphs in Neo4j and feature statistics in DuckDB out.
 
 Phases (each timed; the timings go into the report):
-1. read: the corpus is read and normalised, each prompt gets its id (`ingest.prompts`); unusable lines are recorded;
-2. connect: Neo4j (`NEO4J_URI`, else the managed local server) and the prompts it already has are skipped, as are
+1. check: the transcoder directory's config and weight-file headers, and their fit to the model (layer count, width,
+   the model they record being trained on), without loading either (`atlas.transcoders.checks`, milliseconds): a
+   mismatched or corrupt dictionary (or a missing corpus) is refused before anything is started or created
+   (`ingest.preflight`);
+2. read: the corpus is read and normalised, each prompt gets its id (`ingest.prompts`); unusable lines are recorded;
+3. connect: Neo4j (`NEO4J_URI`, else the managed local server) and the prompts it already has are skipped, as are
    prompts the ledger records as failing deterministically;
-3. resume: complete shards left in the run directory by an interrupted run are loaded instead of recomputed;
-4. compute + load: a Dask cluster (a `LocalCluster` sized to the machine, or any scheduler address; `workers=0`:
+4. resume: complete shards left in the run directory by an interrupted run are loaded instead of recomputed;
+5. compute + load: a Dask cluster (a `LocalCluster` sized to the machine, or any scheduler address; `workers=0`:
    the same tasks called in this process, without Dask) runs
    `compute_batch` on batches of prompts with `retries`; the client loads each finished shard while the workers go
    on (`as_completed`), with a live progress bar;
-5. report: counts and timings, printed and written to `<run dir>/report.json`.
+6. logit effects + statistics: the transcoders' logit effects are written beside the statistics whenever the
+   statistics database lacks them and the run has prompts of these transcoders, however they got to the stores
+   (computed, resumed from shards, or already stored), so a rerun leaves the same tables as a clean run;
+7. report: counts and timings, printed and written to `<run dir>/report.json`.
 
 Everything the run leaves is in its run directory (`shards/`, `ledger.jsonl`, `report.json`); the stores are the
-source of truth for what is done, so killing the run at any point and starting it again finishes the rest.
+source of truth for what is done, so killing the run at any point and starting it again finishes the rest. A run
+that fails before any shard is finished removes the run directory it created.
 This module orchestrates: it computes no graph itself and writes to the stores only through `StoreLoader`.
 """
 
@@ -23,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,6 +47,7 @@ from atlas.storage.neo4j_server import Neo4jConnection
 from atlas.storage.neo4j_writer import GraphWriter
 from ingest.ledger import FAIL_INPUT, FAIL_PROMPT, FAIL_TASK, Ledger
 from ingest.loader import StoreLoader, retrying
+from ingest.preflight import check_inputs
 from ingest.prompts import prompt_key, read_corpus
 from ingest.settings import AttributionSettings, IngestIdentity, batch_key, transcoder_identity
 from ingest.worker import (
@@ -313,11 +323,11 @@ def run_ingest(
     phase = _Phases(timings)
     started = time.perf_counter()
 
+    with phase("check"):  # milliseconds, before anything is read at length, started or created
+        transcoder_dir = Path(options.transcoders)
+        check_inputs(options.corpus, transcoder_dir, options.model)
     with phase("read"):
         records, issues = read_corpus(options.corpus, text_field=options.text_field)
-        transcoder_dir = Path(options.transcoders)
-        if not transcoder_dir.is_dir():
-            raise IngestError(f"transcoder directory {transcoder_dir} does not exist")
         transcoder_id = transcoder_identity(transcoder_dir)
         identity = IngestIdentity(options.model, str(transcoder_dir.resolve()), transcoder_id, options.settings)
         settings_id = options.settings.identity()
@@ -329,104 +339,131 @@ def run_ingest(
     run = options.run or f"{options.corpus.stem}-{identity_hash[:8]}"
     run_dir = (options.runs_root or runs_dir()) / run
     shard_root = run_dir / SHARDS_DIR
-    shard_root.mkdir(parents=True, exist_ok=True)
     stats_path = options.stats_db or stats_db_path()
     ledger = Ledger(run_dir, run)
-    state = ledger.read()
-    for issue in issues:
-        ledger.failed(None, kind=FAIL_INPUT, error=issue.error, line=issue.line)
-
-    with phase("connect"):
-        conn = open_connection(connection)
-    report = IngestReport(run=run, run_dir=str(run_dir), model=options.model, transcoder_id=transcoder_id,
-                          stats_db=str(stats_path), neo4j_uri=conn.uri)  # fmt: skip
-    report.corpus_lines = len(records) + len(issues)
-    report.prompts = len(items)
-    report.duplicates = len(records) - len(items)
-    report.input_failures = len(issues)
-    report.failures += [{"line": i.line, "kind": FAIL_INPUT, "error": i.error} for i in issues[:50]]
-    from neo4j import GraphDatabase
-
-    driver = GraphDatabase.driver(conn.uri, auth=(conn.user, conn.password))
-    client = cluster = None
-    try:
-        writer = GraphWriter(driver, conn.database)  # the loader aggregates in the background
-        stats = FeatureStatsStore(stats_path)
-        aggregate_hook = _aggregate_hook(driver, conn.database)
-        loader = StoreLoader(writer, stats, retry_s=options.neo4j_retry_s, stats_every_s=options.stats_every_s,
-                             after_write=aggregate_hook)  # fmt: skip
+    with _removed_on_failure(None if run_dir.exists() else run_dir, ledger):
+        shard_root.mkdir(parents=True, exist_ok=True)
+        state = ledger.read()
+        for issue in issues:
+            ledger.failed(None, kind=FAIL_INPUT, error=issue.error, line=issue.line)
         with phase("connect"):
-            retrying(writer.ensure_schema, retry_s=options.neo4j_retry_s, what="schema")
-            stored = loader.existing(items)
-            if aggregate_hook is not None and stored:  # a run killed between a write and its aggregate update
-                retrying(lambda: aggregate_hook(sorted(stored)), retry_s=options.neo4j_retry_s, what="aggregates")
-        report.already_stored = len(stored)
-        known = state.deterministic_failures()
-        todo = {pid: item for pid, item in items.items() if pid not in stored and pid not in known}
-        report.skipped_known_failures = sum(1 for pid in items if pid in known and pid not in stored)
-        report.failures += [{"prompt_id": pid, "kind": FAIL_PROMPT, "error": e["error"]} for pid, e in known.items()]
+            conn = open_connection(connection)
+        report = IngestReport(run=run, run_dir=str(run_dir), model=options.model, transcoder_id=transcoder_id,
+                              stats_db=str(stats_path), neo4j_uri=conn.uri)  # fmt: skip
+        report.corpus_lines = len(records) + len(issues)
+        report.prompts = len(items)
+        report.duplicates = len(records) - len(items)
+        report.input_failures = len(issues)
+        report.failures += [{"line": i.line, "kind": FAIL_INPUT, "error": i.error} for i in issues[:50]]
+        from neo4j import GraphDatabase
 
-        with phase("resume"):
-            for summary_path in sorted(shard_root.glob(f"*/{SUMMARY_FILE}")):
-                summary = json.loads(summary_path.read_text())
-                if not summary["done"] or not set(summary["done"]) <= set(todo) | stored:
-                    continue
-                load = loader.load_shard(summary_path.parent)
-                ledger.done(load.written + load.already)
-                report.resumed_from_shards += sum(1 for pid in summary["done"] if pid in todo)
-                report.nodes_written += load.n_nodes
-                report.edges_written += load.n_edges
-                for pid in summary["done"]:
-                    todo.pop(pid, None)
+        driver = GraphDatabase.driver(conn.uri, auth=(conn.user, conn.password))
+        client = cluster = None
+        try:
+            writer = GraphWriter(driver, conn.database)  # the loader aggregates in the background
+            stats = FeatureStatsStore(stats_path)
+            aggregate_hook = _aggregate_hook(driver, conn.database)
+            loader = StoreLoader(writer, stats, retry_s=options.neo4j_retry_s, stats_every_s=options.stats_every_s,
+                                 after_write=aggregate_hook)  # fmt: skip
+            with phase("connect"):
+                retrying(writer.ensure_schema, retry_s=options.neo4j_retry_s, what="schema")
+                stored = loader.existing(items)
+                if aggregate_hook is not None and stored:  # a run killed between a write and its aggregate update
+                    retrying(lambda: aggregate_hook(sorted(stored)), retry_s=options.neo4j_retry_s, what="aggregates")
+            report.already_stored = len(stored)
+            known = state.deterministic_failures()
+            todo = {pid: item for pid, item in items.items() if pid not in stored and pid not in known}
+            report.skipped_known_failures = sum(1 for pid in items if pid in known and pid not in stored)
+            report.failures += [{"prompt_id": pid, "kind": FAIL_PROMPT, "error": e["error"]}
+                                for pid, e in known.items()]  # fmt: skip
 
-        if todo:
+            with phase("resume"):
+                for summary_path in sorted(shard_root.glob(f"*/{SUMMARY_FILE}")):
+                    summary = json.loads(summary_path.read_text())
+                    if not summary["done"] or not set(summary["done"]) <= set(todo) | stored:
+                        continue
+                    load = loader.load_shard(summary_path.parent)
+                    ledger.done(load.written + load.already)
+                    report.resumed_from_shards += sum(1 for pid in summary["done"] if pid in todo)
+                    report.nodes_written += load.n_nodes
+                    report.edges_written += load.n_edges
+                    for pid in summary["done"]:
+                        todo.pop(pid, None)
+
             in_process = options.workers == 0 and not options.scheduler
-            with phase("cluster_start"):
-                if in_process:
-                    client, n_workers = _InProcessClient(), 1
-                else:
-                    client, cluster, n_workers = _start_dask(options)
-                report.workers = n_workers
-                report.dashboard = None if in_process else _dashboard(client)
-            where = "in this process (no Dask)" if in_process else f"on {n_workers} Dask worker(s)"
-            console.print(
-                f"ingest [bold]{run}[/]: {len(todo)} prompts to attribute {where}"
-                f" ({report.already_stored} already stored); run dir {run_dir}"
-            )
-            if not in_process:
-                console.print(f"Dask dashboard: {report.dashboard or 'unavailable (install bokeh>=3.1)'}")
-            threads = (os.cpu_count() or 1) if in_process else worker_torch_threads(n_workers) if cluster else 1
+            threads = os.cpu_count() or 1  # in this process (also for logit effects with nothing to compute)
+            if todo:
+                with phase("cluster_start"):
+                    if in_process:
+                        client, n_workers = _InProcessClient(), 1
+                    else:
+                        client, cluster, n_workers = _start_dask(options)
+                    report.workers = n_workers
+                    report.dashboard = None if in_process else _dashboard(client)
+                where = "in this process (no Dask)" if in_process else f"on {n_workers} Dask worker(s)"
+                console.print(
+                    f"ingest [bold]{run}[/]: {len(todo)} prompts to attribute {where}"
+                    f" ({report.already_stored} already stored); run dir {run_dir}"
+                )
+                if not in_process:
+                    console.print(f"Dask dashboard: {report.dashboard or 'unavailable (install bokeh>=3.1)'}")
+                if not in_process:
+                    threads = worker_torch_threads(n_workers) if cluster else 1
+            else:
+                console.print(
+                    f"ingest [bold]{run}[/]: nothing to compute ({report.already_stored} prompts already stored,"
+                    f" {report.resumed_from_shards} loaded from shards)"
+                )
             plugin = ModelPlugin(options.model, identity.transcoder_dir, transcoder_id, torch_threads=threads)
-            with phase("worker_setup"):
-                client.register_plugin(plugin, name=plugin.name)
-            _compute_and_load(options, client, plugin.name, identity, run, shard_root, todo, loader, ledger,
-                              report, console, phase, on_shard)  # fmt: skip
-            with phase("logit_effects"):
-                effects = _logit_effects(client, plugin.name, transcoder_id, run_dir, options)
-        else:
-            console.print(f"ingest [bold]{run}[/]: nothing to compute ({report.already_stored} prompts already stored)")
-            effects = None
-        with phase("load_stats"):
-            loader.flush_stats(logit_effects=effects)
-        report.neo4j_retries = loader.retries
-        timings["load_neo4j"] = loader.neo4j_seconds
-        timings["load_stats_total"] = loader.stats_seconds
-    finally:
-        with contextlib.suppress(Exception):
             if client is not None:
-                client.close()
-        with contextlib.suppress(Exception):
-            if cluster is not None:
-                cluster.close()
-        driver.close()
-        ledger.close()
-    timings["total"] = time.perf_counter() - started
-    report.timings = {k: round(v, 3) for k, v in timings.items()}
-    report.worker_timings = {k: round(v, 3) for k, v in report.worker_timings.items()}
-    tmp = run_dir / f".{REPORT_FILE}.tmp"
-    tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    tmp.replace(run_dir / REPORT_FILE)
+                with phase("worker_setup"):
+                    client.register_plugin(plugin, name=plugin.name)
+                _compute_and_load(options, client, plugin.name, identity, run, shard_root, todo, loader, ledger,
+                                  report, console, phase, on_shard)  # fmt: skip
+            effects = None
+            # Every run that leaves prompts of these transcoders in the stores leaves their logit effects beside the
+            # statistics, however its prompts got there: computed now, resumed from shards, or stored by a run that
+            # died before writing the effects (with nothing left to compute, they are computed in this process).
+            if report.done and not stats.has_logit_effects(transcoder_id):
+                with phase("logit_effects"):
+                    effects = _logit_effects(client, plugin, transcoder_id, run_dir, options)
+            with phase("load_stats"):
+                loader.flush_stats(logit_effects=effects)
+            report.neo4j_retries = loader.retries
+            timings["load_neo4j"] = loader.neo4j_seconds
+            timings["load_stats_total"] = loader.stats_seconds
+        finally:
+            with contextlib.suppress(Exception):
+                if client is not None:
+                    client.close()
+            with contextlib.suppress(Exception):
+                if cluster is not None:
+                    cluster.close()
+            driver.close()
+            ledger.close()
+        timings["total"] = time.perf_counter() - started
+        report.timings = {k: round(v, 3) for k, v in timings.items()}
+        report.worker_timings = {k: round(v, 3) for k, v in report.worker_timings.items()}
+        tmp = run_dir / f".{REPORT_FILE}.tmp"
+        tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        tmp.replace(run_dir / REPORT_FILE)
     return report
+
+
+@contextlib.contextmanager
+def _removed_on_failure(run_dir: Path | None, ledger: Ledger) -> Iterator[None]:
+    """Remove `run_dir` (a run directory this call created) when the run fails before any shard was finished there.
+
+    What it would hold then (an input-failure ledger, empty or half-written shard directories) is rebuilt by the next
+    run; a finished shard is work to resume, so a directory holding one is kept.
+    """
+    try:
+        yield
+    except BaseException:
+        ledger.close()
+        if run_dir is not None and not any((run_dir / SHARDS_DIR).glob(f"*/{SUMMARY_FILE}")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _aggregate_hook(driver: Any, database: str) -> Callable[[list[str]], None] | None:
@@ -443,12 +480,18 @@ def _aggregate_hook(driver: Any, database: str) -> Callable[[list[str]], None] |
     return lambda prompt_ids: update(driver, prompt_ids, database=database)
 
 
-def _logit_effects(client: Any, plugin: str, transcoder_id: str, run_dir: Path, options: IngestOptions) -> Any:
+def _logit_effects(client: Any, plugin: ModelPlugin, transcoder_id: str, run_dir: Path, options: IngestOptions) -> Any:
+    """The transcoders' logit effects: on the cluster that computed the prompts, else (`client` None) in this process,
+    loading the model here only when no earlier attempt left `logit_effects.parquet` in the run directory."""
     import pyarrow.parquet as pq
 
     out = run_dir / "logit_effects.parquet"
+    if client is None:
+        if not out.is_file():
+            setup_local(plugin)
+        return pq.read_table(compute_logit_effects(plugin.name, transcoder_id, str(out)))
     resources = {"GPU": 1} if options.gpu else None
-    future = client.submit(compute_logit_effects, plugin, transcoder_id, str(out), pure=False,
+    future = client.submit(compute_logit_effects, plugin.name, transcoder_id, str(out), pure=False,
                            retries=options.retries, resources=resources)  # fmt: skip
     return pq.read_table(future.result())
 

@@ -78,13 +78,17 @@ class ModelPlugin(WorkerPlugin):
         import torch
 
         from atlas.models import load_model
-        from atlas.transcoders import load_transcoder
+        from atlas.transcoders import check_compatible, load_transcoder
 
         started = time.perf_counter()
         torch.set_num_threads(self.torch_threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(self.model_name, device=device)
         self.transcoder = load_transcoder(self.transcoder_dir, device=device)
+        # The driver checked the sizes before starting anything where it could know them without the model (not for
+        # a hub name); this check covers the rest, before any prompt is attributed.
+        info = self.model.info
+        check_compatible(self.transcoder.spec, n_layers=info.n_layers, d_model=info.d_model, model_name=info.name)
         self.load_seconds = time.perf_counter() - started
 
     def teardown(self, worker: Any) -> None:

@@ -125,3 +125,35 @@ def test_logit_effects_follow_the_decoder() -> None:
     expected = write @ (W_U - W_U.mean(1, keepdim=True))
     assert row["sign"] == "positive" and row["effect"] == pytest.approx(float(expected.max()), rel=1e-4)
     assert math.isfinite(row["effect"]) and isinstance(duckdb.__version__, str)
+
+
+def test_an_empty_shard_registers_nothing(tmp_path: Path) -> None:
+    store = FeatureStatsStore(tmp_path / "stats.duckdb")
+    empty = FeatureStatsShard("tc", L, F).write(tmp_path / "shards")  # a batch whose every prompt failed
+    assert store.ingest([empty]) == 0
+    with store.reader() as con:
+        tables = {row[0] for row in con.execute("SHOW TABLES").fetchall()}
+        assert tables == {"ingested_shards"}
+        assert con.execute("SELECT count(*) FROM ingested_shards").fetchone() == (0,)
+    assert store.ingest([*build(tmp_path, [[0]]), empty]) == 1
+    with store.reader() as con:
+        assert con.execute("SELECT count(*) FROM ingested_shards").fetchone() == (1,)
+        assert con.execute("SELECT count(*) FROM shard_counts").fetchone() == (L * F,)
+
+
+def test_logit_effects_are_replaced_per_transcoder_set(tmp_path: Path) -> None:
+    store = FeatureStatsStore(tmp_path / "stats.duckdb")
+    assert not store.has_logit_effects("a")
+
+    def effects(transcoder_id: str, value: float) -> pa.Table:
+        return pa.table({"transcoder_id": [transcoder_id] * 2, "layer": [0, 1], "feature": [0, 0],
+                         "sign": ["positive"] * 2, "rank": [0, 0], "token_id": [5, 6], "token": ["x", "y"],
+                         "effect": [value, value]})  # fmt: skip
+
+    store.ingest([], logit_effects=effects("a", 1.0))
+    store.ingest([], logit_effects=effects("b", 2.0))
+    store.ingest([], logit_effects=effects("a", 3.0))  # the same set again replaces its own rows only
+    assert store.has_logit_effects("a") and store.has_logit_effects("b") and not store.has_logit_effects("c")
+    with store.reader() as con:
+        rows = con.execute("SELECT transcoder_id, effect, count(*) FROM logit_effects GROUP BY ALL ORDER BY 1")
+        assert rows.fetchall() == [("a", 3.0, 2), ("b", 2.0, 2)]

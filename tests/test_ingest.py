@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,14 +52,14 @@ PROMPTS = [
 ]
 
 
-def make_transcoders(directory: Path, seed: int = 3) -> Path:
+def make_transcoders(directory: Path, seed: int = 3, *, model: str = MODEL, d_model: int = 32) -> Path:
     torch.manual_seed(seed)
-    transcoder = build_transcoder(TranscoderSpec(kind="clt", n_layers=2, d_model=32, n_features=8))
+    transcoder = build_transcoder(TranscoderSpec(kind="clt", n_layers=2, d_model=d_model, n_features=8))
     with torch.no_grad():
         transcoder.b_enc.fill_(0.05)  # about half the features active: small graphs, quick tests
         for layer in range(2):
             transcoder.W_dec[layer].mul_(20)
-    return save_transcoder(transcoder, directory, model_name=MODEL, metadata={"test_tag": uuid.uuid4().hex})
+    return save_transcoder(transcoder, directory, model_name=model, metadata={"test_tag": uuid.uuid4().hex})
 
 
 def write_jsonl(path: Path, prompts: list[tuple[str, str]]) -> Path:
@@ -132,6 +134,30 @@ def stats_rows(path: Path, transcoder_id: str) -> list[tuple[Any, ...]]:
             "FROM feature_stats WHERE transcoder_id = ? ORDER BY layer, feature",
             [transcoder_id],
         ).fetchall()
+
+
+def duckdb_tables(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every table of a statistics database with all its rows, in a canonical order."""
+    with duckdb.connect(str(path), read_only=True) as con:
+        names = sorted(row[0] for row in con.execute("SHOW TABLES").fetchall())
+        return {name: sorted(con.execute(f'SELECT * FROM "{name}"').fetchall(), key=repr) for name in names}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def assert_same_tables(got: dict[str, list[tuple[Any, ...]]], expected: dict[str, list[tuple[Any, ...]]]) -> None:
+    """The same tables with the same rows (floats to a relative 1e-5: runs on other workers may round differently)."""
+    assert sorted(got) == sorted(expected)
+    assert "logit_effects" in expected and all(expected.values())
+    for name, rows in expected.items():
+        assert len(got[name]) == len(rows), name
+        assert _same(got[name], rows), name
 
 
 def delete_prompts(driver: Driver, ids: list[str]) -> None:
@@ -373,17 +399,27 @@ def test_local_cluster_workers_get_their_share_of_the_cores(tmp_path: Path, monk
 
 
 def clean_reference(
-    tmp_path: Path, corpus: Path, transcoders: Path, scheduler: str, connection: Neo4jConnection, driver: Driver
-) -> tuple[IngestReport, dict[str, Any], list[tuple[Any, ...]]]:
-    """A clean run's store digest and statistics; its prompts are deleted again afterwards."""
-    report = run_ingest(options(tmp_path, corpus, transcoders, scheduler, run="clean", stats_db=tmp_path / "clean.db"),
-                        connection=connection)  # fmt: skip
+    tmp_path: Path,
+    corpus: Path,
+    transcoders: Path,
+    scheduler: str,
+    connection: Neo4jConnection,
+    driver: Driver,
+    **extra: Any,
+) -> tuple[IngestReport, dict[str, Any], list[tuple[Any, ...]], dict[str, list[tuple[Any, ...]]]]:
+    """A clean run's store digest, statistics and every DuckDB table; its prompts are deleted again afterwards.
+
+    Pass the faulted run's `batch_prompts`: the shard bookkeeping tables record one row per batch.
+    """
+    report = run_ingest(options(tmp_path, corpus, transcoders, scheduler, run="clean", stats_db=tmp_path / "clean.db",
+                                **extra), connection=connection)  # fmt: skip
     ids = prompt_ids(driver, report.transcoder_id)
     digest = store_digest(driver, ids)
     stats = stats_rows(tmp_path / "clean.db", report.transcoder_id)
+    tables = duckdb_tables(tmp_path / "clean.db")
     delete_prompts(driver, ids)
     assert prompt_ids(driver, report.transcoder_id) == []
-    return report, digest, stats
+    return report, digest, stats, tables
 
 
 def many_prompts(n: int) -> list[tuple[str, str]]:
@@ -398,8 +434,8 @@ def test_kill_a_worker_mid_run(
     from distributed import Client
 
     corpus = write_jsonl(tmp_path / "corpus.jsonl", many_prompts(16))
-    _, reference, ref_stats = clean_reference(tmp_path, corpus, transcoders, cluster.scheduler_address,
-                                              neo4j_connection, neo4j_driver)  # fmt: skip
+    _, reference, ref_stats, ref_tables = clean_reference(tmp_path, corpus, transcoders, cluster.scheduler_address,
+                                                          neo4j_connection, neo4j_driver, batch_prompts=1)  # fmt: skip
     killed: list[int] = []
     with Client(cluster) as client:
 
@@ -421,6 +457,7 @@ def test_kill_a_worker_mid_run(
         assert report.computed == 16 and report.task_failures == 0
         assert store_digest(neo4j_driver, ids) == reference
         assert stats_rows(tmp_path / "stats.duckdb", report.transcoder_id) == ref_stats
+        assert_same_tables(duckdb_tables(tmp_path / "stats.duckdb"), ref_tables)
     finally:
         delete_prompts(neo4j_driver, ids)
 
@@ -437,8 +474,8 @@ def test_kill_the_whole_ingest_then_rerun(
     tmp_path: Path, transcoders: Path, cluster: Any, neo4j_connection: Neo4jConnection, neo4j_driver: Driver
 ) -> None:
     corpus = write_jsonl(tmp_path / "corpus.jsonl", many_prompts(24))
-    _, reference, ref_stats = clean_reference(tmp_path, corpus, transcoders, cluster.scheduler_address,
-                                              neo4j_connection, neo4j_driver)  # fmt: skip
+    _, reference, ref_stats, ref_tables = clean_reference(tmp_path, corpus, transcoders, cluster.scheduler_address,
+                                                          neo4j_connection, neo4j_driver, batch_prompts=1)  # fmt: skip
     env = {**os.environ, "NEO4J_URI": neo4j_connection.uri, "NEO4J_USER": neo4j_connection.user,
            "NEO4J_PASSWORD": neo4j_connection.password, "ATLAS_STATS_DB": str(tmp_path / "stats.duckdb"),
            "ATLAS_RUNS_DIR": str(tmp_path / "runs")}  # fmt: skip
@@ -466,7 +503,7 @@ def test_kill_the_whole_ingest_then_rerun(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert not (tmp_path / "runs" / "test" / "report.json").exists()
-    report = run_ingest(options(tmp_path, corpus, transcoders, cluster.scheduler_address),
+    report = run_ingest(options(tmp_path, corpus, transcoders, cluster.scheduler_address, batch_prompts=1),
                         connection=neo4j_connection)  # fmt: skip
     ids = prompt_ids(neo4j_driver, report.transcoder_id)
     try:
@@ -475,6 +512,7 @@ def test_kill_the_whole_ingest_then_rerun(
         assert store_digest(neo4j_driver, ids) == reference  # same counts and content, no duplicate prompts
         assert reference["distinct"] == reference["prompts"] == 24
         assert stats_rows(tmp_path / "stats.duckdb", report.transcoder_id) == ref_stats
+        assert_same_tables(duckdb_tables(tmp_path / "stats.duckdb"), ref_tables)  # every table, every row
         # the aggregate layer, maintained per shard, counts every prompt once: it equals a rebuild from scratch
         incremental = aggregate_rows(neo4j_driver, transcoder=report.transcoder_id)
         rebuild_aggregates(neo4j_driver, transcoder=report.transcoder_id)
@@ -549,3 +587,163 @@ def test_state_capital_set_is_shipped_unfiltered_with_answers() -> None:
     records, issues = read_corpus(state_capitals_path())
     assert not issues and all(r.meta == {"task": STATE_CAPITALS_TASK, "answer": g.answer}
                               for r, g in zip(records, generated, strict=True))  # fmt: skip
+
+
+# -- refused up front, nothing left behind ---------------------------------------------------------------------------
+
+
+def bad_dictionary(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A transcoder directory the ingest must refuse, and (a regex of) the message it must give."""
+    if kind == "sizes":
+        return make_transcoders(tmp_path / "narrow", d_model=16), r"do not fit model 'tiny-llama': d_model 16 vs"
+    if kind == "other-model":  # the same sizes, trained on the other tiny model
+        directory = make_transcoders(tmp_path / "gpt2", model="tiny-gpt2")
+        return directory, r"do not fit model 'tiny-llama': they were trained on 'tiny-gpt2'"
+    directory = make_transcoders(tmp_path / "corrupt")
+    weights = directory / "W_dec_1.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    return directory, r"W_dec_1\.safetensors: not a readable safetensors file"
+
+
+@pytest.mark.parametrize("kind", ["sizes", "other-model", "corrupt"])
+def test_a_bad_dictionary_is_refused_before_anything_starts(
+    tmp_path: Path, kind: str, neo4j_driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ingest.pipeline as pipeline
+    from atlas.transcoders import TranscoderFormatError
+
+    directory, message = bad_dictionary(tmp_path, kind)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", PROMPTS[:2])
+
+    def never(*_: Any, **__: Any) -> Any:
+        raise AssertionError("the ingest went on past its checks")
+
+    monkeypatch.setattr(pipeline, "open_connection", never)  # no Neo4j (not even the managed server's start)
+    monkeypatch.setattr(pipeline, "_start_dask", never)
+    monkeypatch.setattr(pipeline, "read_corpus", never)
+    before = GraphWriter(neo4j_driver).store_counts()
+    for workers in (0, None):
+        with pytest.raises(TranscoderFormatError, match=message):
+            run_ingest(options(tmp_path, corpus, directory, None, workers=workers))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "stats.duckdb").exists()
+    assert GraphWriter(neo4j_driver).store_counts() == before
+    # the command line: one line, status 2, and still nothing created
+    result = CliRunner().invoke(app, ["ingest", "--corpus", str(corpus), "--transcoders", str(directory), "--model",
+                                      MODEL, "--runs-root", str(tmp_path / "runs"), "--stats-db",
+                                      str(tmp_path / "stats.duckdb")])  # fmt: skip
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert re.search(message.split(": ", 1)[-1], " ".join(result.output.split()))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "stats.duckdb").exists()
+
+
+def test_the_command_line_refuses_without_importing_the_pipeline(tmp_path: Path) -> None:
+    directory, _ = bad_dictionary(tmp_path, "sizes")
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", PROMPTS[:1])
+    code = (
+        "import sys; from atlas_cli.main import app\n"
+        "try:\n    app(sys.argv[1:])\n"
+        "except SystemExit as e:\n    print('status', e.code, sorted(m for m in ('torch', 'distributed', 'neo4j',"
+        " 'ingest.pipeline') if m in sys.modules))\n"
+    )
+    command = [sys.executable, "-c", code, "ingest", "--corpus", str(corpus), "--transcoders", str(directory),
+               "--model", MODEL, "--runs-root", str(tmp_path / "runs")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    assert "d_model 16 vs the model's 32" in done.stderr
+    assert done.stdout.strip().endswith("status 2 []")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_that_fails_before_any_shard_removes_its_run_directory(
+    tmp_path: Path, neo4j_connection: Neo4jConnection, neo4j_driver: Driver
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from atlas.transcoders import TranscoderFormatError
+
+    directory = make_transcoders(tmp_path / "nan")  # intact files (the checks pass): NaN found when it is loaded
+    tensors = load_file(directory / "W_enc_0.safetensors")
+    tensors["b_enc_0"][0] = float("nan")
+    save_file(tensors, str(directory / "W_enc_0.safetensors"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(PROMPTS[0][0].encode() + b"\n\xff bad line\n")  # an input failure goes to the ledger first
+    before = GraphWriter(neo4j_driver).store_counts()
+    with pytest.raises(TranscoderFormatError, match="NaN"):
+        run_ingest(options(tmp_path, corpus, directory, None, workers=0), connection=neo4j_connection)
+    assert not (tmp_path / "runs" / "test").exists() and not (tmp_path / "stats.duckdb").exists()
+    assert GraphWriter(neo4j_driver).store_counts() == before
+
+
+def test_a_run_whose_every_prompt_fails_registers_nothing(
+    tmp_path: Path, transcoders: Path, neo4j_connection: Neo4jConnection, neo4j_driver: Driver
+) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", PROMPTS[2:3])
+    first = run_ingest(options(tmp_path, good, transcoders, None, workers=0, run="good"), connection=neo4j_connection)
+    ids = prompt_ids(neo4j_driver, first.transcoder_id)
+    try:
+        assert first.computed == 1 and len(ids) == 1
+        tables = duckdb_tables(tmp_path / "stats.duckdb")
+        assert len(tables["ingested_shards"]) == 1
+        too_long = "word " * 40  # more characters than the tiny model's context
+        bad = write_jsonl(tmp_path / "bad.jsonl", [(too_long + "a", "x"), (too_long + "b", "x")])
+        for stats_db in (tmp_path / "stats.duckdb", tmp_path / "fresh.duckdb"):
+            report = run_ingest(options(tmp_path, bad, transcoders, None, workers=0, run=f"bad-{stats_db.stem}",
+                                        stats_db=stats_db, batch_prompts=2), connection=neo4j_connection)  # fmt: skip
+            assert (report.prompt_failures, report.computed, report.done) == (2, 0, 0)
+            shards = list((tmp_path / "runs" / f"bad-{stats_db.stem}" / "shards").glob("*/summary.json"))
+            assert len(shards) == 1  # the shard is there (a rerun skips its failures), but registered nowhere
+        assert duckdb_tables(tmp_path / "stats.duckdb") == tables
+        assert not (tmp_path / "fresh.duckdb").exists()
+        assert prompt_ids(neo4j_driver, first.transcoder_id) == ids
+    finally:
+        delete_prompts(neo4j_driver, prompt_ids(neo4j_driver, first.transcoder_id))
+
+
+def test_rerun_after_neo4j_was_killed_equals_a_clean_run_in_both_stores(
+    tmp_path: Path,
+    transcoders: Path,
+    cluster: Any,
+    local_neo4j_server: LocalNeo4jServer,
+    neo4j_connection: Neo4jConnection,
+    neo4j_driver: Driver,
+) -> None:
+    """Neo4j is killed once every shard is computed: the run fails; the rerun completes from its shards alone (nothing
+    left to compute) and must leave both stores as a clean run does, DuckDB's logit effects included."""
+    n = 8
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", many_prompts(n))
+    _, reference, _, ref_tables = clean_reference(tmp_path, corpus, transcoders, cluster.scheduler_address,
+                                                  neo4j_connection, neo4j_driver, batch_prompts=1)  # fmt: skip
+    port = int(local_neo4j_server.status()["port"])
+    shard_root = tmp_path / "runs" / "test" / "shards"
+    killed: list[int] = []
+
+    def kill_neo4j_once_all_computed(summary: dict[str, Any]) -> None:
+        if killed:
+            return
+        deadline = time.monotonic() + 240
+        while len(list(shard_root.glob("*/summary.json"))) < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pid = int(local_neo4j_server.status()["pid"])
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+        while local_neo4j_server.status()["running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    try:
+        with pytest.raises(RuntimeError, match="Neo4j still unavailable"):
+            run_ingest(options(tmp_path, corpus, transcoders, cluster.scheduler_address, batch_prompts=1,
+                               neo4j_retry_s=1.0), connection=neo4j_connection,
+                       on_shard=kill_neo4j_once_all_computed)  # fmt: skip
+    finally:
+        if killed:
+            local_neo4j_server.start(port=port)
+    assert killed and len(list(shard_root.glob("*/summary.json"))) == n
+    report = run_ingest(options(tmp_path, corpus, transcoders, cluster.scheduler_address, batch_prompts=1),
+                        connection=neo4j_connection)  # fmt: skip
+    ids = prompt_ids(neo4j_driver, report.transcoder_id)
+    try:
+        assert report.computed == 0 and report.already_stored >= 1
+        assert report.already_stored + report.resumed_from_shards == n
+        assert store_digest(neo4j_driver, ids) == reference
+        assert_same_tables(duckdb_tables(tmp_path / "stats.duckdb"), ref_tables)
+    finally:
+        delete_prompts(neo4j_driver, ids)

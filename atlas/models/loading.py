@@ -25,15 +25,12 @@ from typing import Any
 import torch
 
 from atlas.config import PACKAGED_MODELS, PackagedGGUFModel, cache_dir
-from atlas.models.tiny import TINY_MODELS, build_tiny_hf_model, tiny_tokenizer
+from atlas.models.dimensions import TINY_MODELS, ModelLoadError, looks_like_path
+from atlas.models.tiny import build_tiny_hf_model, tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
 _CACHE_COMPLETE_MARKER = "circuit-atlas-cache-complete"
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says which source was tried and what to do."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,7 @@ def load_model(name_or_path: str, *, device: str | torch.device = "cpu") -> Load
         directory = Path(name_or_path).expanduser().resolve()
         hf, tokenizer = _load_hf_directory(directory)
         label, source, bos = str(directory), "local-dir", _default_bos(tokenizer)
-    elif _looks_like_path(name_or_path):
+    elif looks_like_path(name_or_path):
         raise ModelLoadError(f"model directory {name_or_path!r} does not exist")
     else:
         return _load_from_hub(name_or_path, device=device, start=start)
@@ -141,10 +138,6 @@ def _default_bos(tokenizer: Any) -> int:
         if candidate is not None:  # note: id 0 is a valid BOS (circuit-tracer skips it by mistake)
             return int(candidate)
     raise ModelLoadError("the tokenizer has no BOS, EOS or pad token to start sequences with")
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") > 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,30 +27,13 @@ from transformers import (
 )
 
 from atlas.config import cache_dir
+from atlas.models.dimensions import TINY_MODELS, TinyModelConfig
 
 TINY_BOS, TINY_EOS, TINY_UNK = "<bos>", "<eos>", "<unk>"
 # Printable ASCII plus newline; everything else maps to <unk>.
 _TINY_CHARS = ["\n", *(chr(i) for i in range(32, 127))]
 
-
-@dataclass(frozen=True)
-class TinyModelConfig:
-    """Sizes of a tiny test model. Defaults are small enough that a forward pass takes milliseconds."""
-
-    architecture: str  # "gpt2" | "llama"
-    n_layers: int = 2
-    d_model: int = 32
-    n_heads: int = 4
-    n_kv_heads: int = 2  # llama only (grouped-query attention)
-    d_mlp: int = 64
-    n_ctx: int = 64
-    seed: int = 0
-
-
-TINY_MODELS: dict[str, TinyModelConfig] = {
-    "tiny-gpt2": TinyModelConfig(architecture="gpt2"),
-    "tiny-llama": TinyModelConfig(architecture="llama"),
-}
+__all__ = ["TINY_MODELS", "TinyModelConfig", "build_tiny_hf_model", "tiny_tokenizer"]
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerBase:

@@ -255,7 +255,7 @@ class FeatureStatsStore:
                 done = {row[0] for row in con.execute("SELECT name FROM ingested_shards").fetchall()}
                 for directory, shard in tables.items():
                     name = Path(directory).name
-                    if name in done:
+                    if name in done or _is_empty(shard):  # a shard of failed prompts only: nothing to register
                         continue
                     for kind, table in shard.items():
                         con.register("incoming", table)
@@ -265,9 +265,13 @@ class FeatureStatsStore:
                     con.execute("INSERT INTO ingested_shards VALUES (?)", [name])
                     done.add(name)
                     added += 1
-                if logit_effects is not None:
+                if logit_effects is not None:  # replaces the effects of these transcoders only
                     con.register("incoming", logit_effects)
-                    con.execute("CREATE OR REPLACE TABLE logit_effects AS SELECT * FROM incoming")
+                    con.execute("CREATE TABLE IF NOT EXISTS logit_effects AS SELECT * FROM incoming LIMIT 0")
+                    con.execute(
+                        "DELETE FROM logit_effects WHERE transcoder_id IN (SELECT DISTINCT transcoder_id FROM incoming)"
+                    )
+                    con.execute("INSERT INTO logit_effects SELECT * FROM incoming")
                     con.unregister("incoming")
                 if "shard_counts" in {r[0] for r in con.execute("SHOW TABLES").fetchall()}:
                     con.execute(_BUILD_SQL.replace("{top_k}", str(self.top_k)))
@@ -277,6 +281,17 @@ class FeatureStatsStore:
         finally:
             tmp.unlink(missing_ok=True)
         return added
+
+    def has_logit_effects(self, transcoder_id: str) -> bool:
+        """Whether the database holds logit effects of `transcoder_id` (False when it does not exist yet)."""
+        if not self.path.exists():
+            return False
+        with self.reader() as con:
+            tables = {row[0] for row in con.execute("SHOW TABLES").fetchall()}
+            if "logit_effects" not in tables:
+                return False
+            found = con.execute("SELECT 1 FROM logit_effects WHERE transcoder_id = ? LIMIT 1", [transcoder_id])
+            return found.fetchone() is not None
 
     @staticmethod
     def _read_shard(directory: Path) -> dict[str, pa.Table]:
@@ -296,6 +311,12 @@ class FeatureStatsStore:
                 raise StatsError(f"shard {directory}: {path.name} does not match the schema (missing {missing})")
             tables[kind] = table
         return tables
+
+
+def _is_empty(shard: dict[str, pa.Table]) -> bool:
+    """A shard that saw no token (every prompt of its batch failed)."""
+    counts = shard["counts"]
+    return counts.num_rows == 0 or not any(counts.column("n_tokens").to_pylist())
 
 
 def bin_bounds(bin_index: int) -> tuple[float, float]:

@@ -7,8 +7,9 @@ CLT directory (`model_kind: cross_layer_transcoder`):
     config.yaml, W_enc_{i}.safetensors with W_enc_{i} (F, d), b_enc_{i} (F), b_dec_{i} (d) (bias of target i),
     optional threshold_{i} (F); W_dec_{i}.safetensors with W_dec_{i} (F, L − i, d), targets i…L−1.
     circuit-tracer has no CLT skip; ours is written to W_skip_{i}.safetensors (W_skip_{i} (d, d)), which it ignores.
-Both: `atlas.json` holds what the formats cannot say (activation kind, training config, metrics); it is optional
-on load, so directories written by other tools load too.
+Both: `atlas.json` holds what the formats cannot say (activation kind, training config, metrics, and the model the
+set was trained on: `model_name` and `model_identity`, which `atlas.transcoders.checks` compares with the model an
+ingest names); it is optional on load, so directories written by other tools load too.
 
 Saving is atomic: files go to a temporary sibling directory that replaces the target only once complete, so a
 crash never leaves a half-written transcoder where a good one was.
@@ -27,18 +28,14 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from atlas.models.dimensions import model_identity
 from atlas.transcoders.activations import ActivationConfig
 from atlas.transcoders.base import EncoderStack, TranscoderKind, TranscoderSpec
+from atlas.transcoders.checks import CONFIG_FILE, METADATA_FILE, TranscoderFormatError, read_config, read_metadata
 from atlas.transcoders.cross_layer import CrossLayerTranscoder
 from atlas.transcoders.per_layer import PerLayerTranscoder
 
-METADATA_FILE = "atlas.json"
-CONFIG_FILE = "config.yaml"
 _MODEL_KINDS: dict[str, TranscoderKind] = {"transcoder_set": "plt", "cross_layer_transcoder": "clt"}
-
-
-class TranscoderFormatError(ValueError):
-    """A transcoder directory is missing a file, has an unreadable file, or has inconsistent shapes."""
 
 
 def build_transcoder(spec: TranscoderSpec, **kwargs: Any) -> PerLayerTranscoder | CrossLayerTranscoder:
@@ -82,6 +79,8 @@ def save_transcoder(
             "input_hook": spec.input_hook,
             "output_hook": spec.output_hook,
             "model_name": model_name,
+            # what `atlas.transcoders.checks` compares with the model an ingest names (None: a path that is gone)
+            "model_identity": model_identity(model_name),
             **(metadata or {}),
         }
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
@@ -152,20 +151,6 @@ def _clt_files(tc: EncoderStack) -> dict[str, dict[str, torch.Tensor]]:
 # load
 
 
-def read_metadata(directory: str | Path) -> dict[str, Any]:
-    """`atlas.json` of a transcoder directory, or `{}` when it was written by another tool."""
-    path = Path(directory) / METADATA_FILE
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise TranscoderFormatError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise TranscoderFormatError(f"{path}: expected a JSON object")
-    return data
-
-
 def load_transcoder(
     directory: str | Path, *, device: str | torch.device = "cpu"
 ) -> PerLayerTranscoder | CrossLayerTranscoder:
@@ -173,7 +158,7 @@ def load_transcoder(
     root = Path(directory)
     if not root.is_dir():
         raise TranscoderFormatError(f"transcoder directory {root} does not exist")
-    config = _read_config(root)
+    config = read_config(root)
     kind = _MODEL_KINDS.get(str(config.get("model_kind")))
     if kind is None:
         raise TranscoderFormatError(
@@ -183,19 +168,6 @@ def load_transcoder(
     loader = _load_plt if kind == "plt" else _load_clt
     transcoder = loader(root, config, meta)
     return transcoder.to(device)
-
-
-def _read_config(root: Path) -> dict[str, Any]:
-    path = root / CONFIG_FILE
-    if not path.is_file():
-        raise TranscoderFormatError(f"{root}: missing {CONFIG_FILE}")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise TranscoderFormatError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(config, dict):
-        raise TranscoderFormatError(f"{path}: expected a mapping")
-    return config
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
