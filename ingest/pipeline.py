@@ -36,10 +36,11 @@ from atlas.config import ENV_DASK_SCHEDULER, require_at_least, runs_dir, stats_d
 from atlas.storage.feature_stats import FeatureStatsStore
 from atlas.storage.neo4j_server import Neo4jConnection
 from atlas.storage.neo4j_writer import GraphWriter
+from atlas.transcoders.identity import transcoder_identity
 from ingest.ledger import FAIL_INPUT, FAIL_PROMPT, FAIL_TASK, Ledger
 from ingest.loader import StoreLoader, retrying
 from ingest.prompts import prompt_key, read_corpus
-from ingest.settings import AttributionSettings, IngestIdentity, batch_key, transcoder_identity
+from ingest.settings import AttributionSettings, IngestIdentity, batch_key
 from ingest.worker import (
     SUMMARY_FILE,
     BatchSpec,
@@ -318,7 +319,8 @@ def run_ingest(
         transcoder_dir = Path(options.transcoders)
         if not transcoder_dir.is_dir():
             raise IngestError(f"transcoder directory {transcoder_dir} does not exist")
-        transcoder_id = transcoder_identity(transcoder_dir)
+        dictionary = transcoder_identity(transcoder_dir)  # by weights and semantic config, not by path or name
+        transcoder_id = dictionary.id
         identity = IngestIdentity(options.model, str(transcoder_dir.resolve()), transcoder_id, options.settings)
         settings_id = options.settings.identity()
         items: dict[str, PromptItem] = {}
@@ -357,6 +359,10 @@ def run_ingest(
                              after_write=aggregate_hook)  # fmt: skip
         with phase("connect"):
             retrying(writer.ensure_schema, retry_s=options.neo4j_retry_s, what="schema")
+            retrying(lambda: writer.register_transcoder(dictionary.id, model=options.model, name=dictionary.name,
+                                                        source=dictionary.source, kind=dictionary.kind,
+                                                        config=dictionary.config),
+                     retry_s=options.neo4j_retry_s, what="transcoder")  # fmt: skip
             stored = loader.existing(items)
             if aggregate_hook is not None and stored:  # a run killed between a write and its aggregate update
                 retrying(lambda: aggregate_hook(sorted(stored)), retry_s=options.neo4j_retry_s, what="aggregates")

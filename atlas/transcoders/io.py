@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from atlas.transcoders.per_layer import PerLayerTranscoder
 METADATA_FILE = "atlas.json"
 CONFIG_FILE = "config.yaml"
 _MODEL_KINDS: dict[str, TranscoderKind] = {"transcoder_set": "plt", "cross_layer_transcoder": "clt"}
+_MAX_HEADER = 100 << 20  # the safetensors format's own limit on its JSON header
 
 
 class TranscoderFormatError(ValueError):
@@ -209,6 +211,59 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise TranscoderFormatError(f"{path}: tensor {name} contains NaN or infinite values")
     return tensors
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset where its data starts."""
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise TranscoderFormatError(f"{path}: too short to be a safetensors file")
+        (size,) = struct.unpack("<Q", raw)
+        if size > _MAX_HEADER:
+            raise TranscoderFormatError(f"{path}: safetensors header of {size} bytes is implausible")
+        try:
+            header = json.loads(handle.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TranscoderFormatError(f"{path}: unreadable safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise TranscoderFormatError(f"{path}: safetensors header is not an object")
+    return header, 8 + size
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    header, _ = safetensors_header(path)
+    try:
+        return {k: tuple(int(s) for s in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (KeyError, TypeError, ValueError) as err:
+        raise TranscoderFormatError(f"{path}: malformed safetensors header") from err
+
+
+def read_spec(directory: str | Path) -> TranscoderSpec:
+    """The spec of a saved transcoder from its config, metadata and tensor headers, without loading a weight."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise TranscoderFormatError(f"transcoder directory {root} does not exist")
+    config = _read_config(root)
+    kind = _MODEL_KINDS.get(str(config.get("model_kind")))
+    if kind is None:
+        raise TranscoderFormatError(
+            f"{root / CONFIG_FILE}: model_kind is {config.get('model_kind')!r}; expected one of {list(_MODEL_KINDS)}"
+        )
+    meta = read_metadata(root)
+    if kind == "plt":
+        n_layers = _count_layers(root, "layer_{}.safetensors")
+        first = _header_shapes(root / "layer_0.safetensors")
+        enc, has_threshold, has_skip = "W_enc", "activation_function.threshold" in first, "W_skip" in first
+    else:
+        n_layers = _count_layers(root, "W_enc_{}.safetensors")
+        first = _header_shapes(root / "W_enc_0.safetensors")
+        enc, has_threshold = "W_enc_0", "threshold_0" in first
+        has_skip = (root / "W_skip_0.safetensors").exists()
+    if enc not in first or len(first[enc]) != 2:
+        raise TranscoderFormatError(f"{root}: the first layer's file has no 2-d tensor {enc!r}")
+    F, d = first[enc]
+    return _spec_from(kind, n_layers, F, d, has_threshold, has_skip, config, meta)
 
 
 def _get(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], path: Path) -> torch.Tensor:
