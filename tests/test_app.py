@@ -230,6 +230,10 @@ def test_overview_counts_prompts_and_plots_scores(app_env: AtlasFixture) -> None
     runs = at.dataframe[1].value
     mine = runs[(runs["run"] == app_env.run) & (runs["transcoder"] == app_env.transcoder_id)]
     assert int(mine["prompts"].sum()) == len(app_env.graphs)
+    (dictionaries,) = frames(at, "dictionary", "names", "sources")
+    ours = dictionaries[dictionaries["dictionary"] == app_env.transcoder_id]  # listed once, by its weights
+    assert len(ours) == 1 and ours.iloc[0]["names"] == app_env.transcoder_dir.name
+    assert ours.iloc[0]["sources"] == str(app_env.transcoder_dir) and ours.iloc[0]["identity"] == "weights"
     tasks = at.dataframe[2].value
     assert set(PROMPTS) <= set(tasks["task"])
     charts = [c for c in at.get("plotly_chart")]
