@@ -123,6 +123,19 @@ class AtlasStore:
             """
         )
 
+    def runtime_labels(self, model: str, transcoder: str) -> tuple[list[str], list[str]]:
+        """The names a model was loaded by and the directories a dictionary was ingested from (for re-running)."""
+        rows = self.read(
+            """
+            OPTIONAL MATCH (m:Model {name: $model})
+            OPTIONAL MATCH (t:Transcoder {id: $transcoder})
+            RETURN coalesce(properties(m)['names'], []) AS names, coalesce(properties(t)['sources'], []) AS sources
+            """,
+            model=model,
+            transcoder=transcoder,
+        )
+        return (list(rows[0]["names"]), list(rows[0]["sources"])) if rows else ([], [])
+
     def runs(self) -> list[dict[str, Any]]:
         return self.read(
             """

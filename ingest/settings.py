@@ -46,12 +46,22 @@ class AttributionSettings:
 
 @dataclass(frozen=True)
 class IngestIdentity:
-    """(model, transcoders, settings): prompts are stored once per identity."""
+    """(model, transcoders, settings): prompts are stored once per identity.
+
+    `model` is what the workers load (a name or a local path); `model_key` what the store keys the model by
+    (`atlas.models.identity.model_identity`: the name, or `hf-<hash of the weights>` for a local directory);
+    empty means `model`.
+    """
 
     model: str
     transcoder_dir: str
     transcoder_id: str
     settings: AttributionSettings = field(default_factory=AttributionSettings)
+    model_key: str = ""
+
+    @property
+    def store_model(self) -> str:
+        return self.model_key or self.model
 
 
 def transcoder_identity(directory: str | Path) -> str:

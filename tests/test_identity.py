@@ -22,6 +22,8 @@ from neo4j import Driver
 from typer.testing import CliRunner
 
 import ingest.pipeline
+from atlas.models.identity import model_identity
+from atlas.models.tiny import TINY_MODELS, build_tiny_hf_model, tiny_tokenizer
 from atlas.storage.aggregate import aggregate_rows, rebuild_aggregates
 from atlas.storage.graph_schema import STORE_NAME
 from atlas.storage.identities import transcoders
@@ -107,6 +109,50 @@ def test_identity_follows_one_weight_and_the_semantic_config(tmp_path: Path) -> 
     assert len({base, topk, transcoder_identity(_save(relu8, tmp_path / "topk8", 1.0)).id}) == 3
 
 
+def _local_model(directory: Path, *, bump: float = 0.0) -> Path:
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    hf = build_tiny_hf_model(TINY_MODELS["tiny-llama"], vocab_size=len(tokenizer))
+    if bump:
+        with torch.no_grad():
+            next(hf.parameters()).view(-1)[0] += bump
+    hf.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_model_identity_is_the_weights_of_a_local_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path / "cache"))
+    a = model_identity(str(_local_model(tmp_path / "here" / "model")))
+    moved = shutil.copytree(tmp_path / "here" / "model", tmp_path / "there" / "renamed")
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(
+        json.dumps({**config, "_name_or_path": "/elsewhere", "transformers_version": "0"})
+    )
+    b = model_identity(str(moved))
+    assert a.key == b.key and a.key.startswith("hf-") and a.source == "local-dir" and a.name != b.name
+    assert not a.cached and model_identity(str(moved)).cached  # hashed once per file version
+    assert model_identity(str(_local_model(tmp_path / "bumped", bump=1e-3))).key != a.key
+    for stable in ("tiny-llama", "gpt2"):  # names that already identify their weights stay the keys
+        assert model_identity(stable).key == stable
+
+
+def test_packaged_model_identity_is_its_name_with_the_gguf_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from atlas.config import DEFAULT_MODEL
+    from atlas.models.loading import ModelLoadError
+
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        first = model_identity(DEFAULT_MODEL)
+    except ModelLoadError:
+        pytest.skip("the packaged default model is not installed")
+    again = model_identity(DEFAULT_MODEL)
+    assert first.key == again.key == DEFAULT_MODEL and first.weights == again.weights
+    assert first.weights is not None and len(first.weights) == 64 and again.cached
+
+
 # -- real Neo4j ------------------------------------------------------------------------------------------------
 
 
@@ -115,9 +161,10 @@ def _corpus(path: Path) -> Path:
     return path
 
 
-def _ingest(tmp: Path, transcoders_dir: Path, connection: Neo4jConnection, run: str, stats: Path) -> Any:
+def _ingest(tmp: Path, transcoders_dir: Path, connection: Neo4jConnection, run: str, stats: Path,
+            model: str = MODEL) -> Any:  # fmt: skip
     tmp.mkdir(parents=True, exist_ok=True)
-    options = IngestOptions(corpus=_corpus(tmp / "corpus.jsonl"), transcoders=transcoders_dir, model=MODEL, workers=0,
+    options = IngestOptions(corpus=_corpus(tmp / "corpus.jsonl"), transcoders=transcoders_dir, model=model, workers=0,
                             run=run, runs_root=tmp / "runs", stats_db=stats, progress=False)  # fmt: skip
     return run_ingest(options, connection=connection)
 
@@ -196,6 +243,29 @@ def test_a_renamed_resaved_copy_is_already_stored(
     assert node["names"] == ["transcoders", "transcoders-copy"]
     assert node["sources"] == [str(first), str(second)]
     assert (node["identity"], node["kind"], node["prompts"]) == ("weights", "clt", len(PROMPTS))
+
+
+def test_a_local_model_under_another_path_is_the_same_model(
+    tmp_path: Path, neo4j_connection: Neo4jConnection, neo4j_driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path / "cache"))
+    here = _local_model(tmp_path / "machine-1" / "tiny")
+    there = shutil.copytree(here, tmp_path / "machine-2" / "models" / "tiny-llama-copy")
+    dictionary = _save(_transcoder("clt"), tmp_path / "transcoders", 3.0)
+    stats = tmp_path / "stats.duckdb"
+    a = _ingest(tmp_path / "a", dictionary, neo4j_connection, "local-a", stats, model=str(here))
+    assert a.computed == len(PROMPTS), a.failures
+    b = _ingest(tmp_path / "b", dictionary, neo4j_connection, "local-b", stats, model=str(there))
+    assert (b.already_stored, b.computed) == (len(PROMPTS), 0)
+    key = model_identity(str(here)).key
+    record = neo4j_driver.execute_query(
+        "MATCH (m:Model {name: $k}) OPTIONAL MATCH (p:Prompt {model: $k, transcoder: $t}) "
+        "RETURN m.names AS names, m.source AS source, m.weights AS weights, count(p) AS prompts",
+        k=key, t=a.transcoder_id,
+    ).records[0]  # fmt: skip
+    assert record["names"] == [str(here), str(there)] and record["source"] == "local-dir"
+    assert record["weights"].startswith(key.removeprefix("hf-")) and record["prompts"] == len(PROMPTS)
+    _wipe(neo4j_driver, a.transcoder_id)
 
 
 def _legacy_ingest(tmp: Path, directory: Path, connection: Neo4jConnection, run: str, stats: Path,

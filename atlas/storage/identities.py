@@ -56,6 +56,13 @@ MERGE (t)-[:FOR]->(m)
 """
 
 
+REGISTER_MODEL: LiteralString = """
+MERGE (m:Model {name: $key})
+SET m.source = $source, m.weights = coalesce($weights, m.weights),
+    m.names = CASE WHEN $name IN coalesce(m.names, []) THEN m.names ELSE coalesce(m.names, []) + $name END
+"""
+
+
 @dataclass(frozen=True)
 class DictionaryLabel:
     """What a merge writes on the new Transcoder: its id and the labels of the directory it was computed from."""
@@ -93,6 +100,11 @@ def register_transcoder(
     """MERGE the Transcoder `transcoder_id` (weights-keyed) and add `name` and `source` to its labels."""
     tx.run(REGISTER_TRANSCODER, id=transcoder_id, model=model, name=name, source=source, kind=kind,
            config=json.dumps(dict(config), sort_keys=True), identity=IDENTITY_WEIGHTS).consume()  # fmt: skip
+
+
+def register_model(tx: ManagedTransaction, key: str, *, name: str, source: str, weights: str | None) -> None:
+    """MERGE the Model `key` (`atlas.models.identity`) with its source kind, weights digest and the names given."""
+    tx.run(REGISTER_MODEL, key=key, name=name, source=source, weights=weights).consume()
 
 
 def label_legacy_transcoders(tx: ManagedTransaction) -> None:

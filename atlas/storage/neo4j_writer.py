@@ -357,6 +357,16 @@ class GraphWriter:
             session.execute_write(identities.register_transcoder, transcoder_id, model=model, name=name,
                                   source=source, kind=kind, config=config)  # fmt: skip
 
+    def register_model(self, key: str, *, name: str, source: str, weights: str | None) -> None:
+        """MERGE the Model `key` and record the name it was loaded by, its source kind and its weights digest."""
+        if not self._schema_ready:
+            self.ensure_schema()
+        with (
+            _unavailable_as_error(f"model {key!r} was not registered"),
+            self.driver.session(database=self.database) as session,
+        ):
+            session.execute_write(identities.register_model, key, name=name, source=source, weights=weights)
+
     # -- writing -------------------------------------------------------------------------------------------------
 
     def write_prompt(

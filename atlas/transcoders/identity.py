@@ -3,8 +3,8 @@
 `transcoder_identity(directory)` hashes
 1. every weight tensor of the directory's `*.safetensors` files, in a canonical order (file name, then tensor name):
    its name (`<file stem>/<tensor>`, since a PLT's layer index is only in its file name), dtype, shape and raw
-   little-endian bytes, streamed from the file in 1 MiB blocks (the safetensors header is parsed here; no tensor is
-   loaded, so hashing needs no memory beyond one block);
+   little-endian bytes, streamed from the file in 1 MiB blocks (`atlas.models.identity.hash_safetensors` parses the
+   safetensors header itself; no tensor is loaded, so hashing needs no memory beyond one block);
 2. the canonical JSON of the semantic configuration (`semantic_config`): kind, sizes, activation and its parameters,
    input and output hook points, skip.
 
@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atlas.transcoders.io import TranscoderFormatError, read_spec, safetensors_header
+from atlas.models.identity import IdentityError, hash_safetensors
+from atlas.transcoders.io import TranscoderFormatError, read_spec
 
 IDENTITY_VERSION = 1  # enters the hash: a change of the rule must never produce an old rule's id
 _HEX_DIGITS = 16
-_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -67,34 +67,6 @@ def semantic_config(directory: str | Path) -> dict[str, Any]:
     }
 
 
-def hash_safetensors(paths: list[Path], digest: Any, *, prefix: str = "") -> tuple[int, int]:
-    """Feed every tensor of `paths` (in the given order, tensors by name) to `digest`; (tensors, bytes) hashed."""
-    n_tensors = n_bytes = 0
-    for path in paths:
-        header, start = safetensors_header(path)
-        with path.open("rb") as handle:
-            for name in sorted(k for k in header if k != "__metadata__"):
-                entry = header[name]
-                try:
-                    dtype, shape = str(entry["dtype"]), [int(s) for s in entry["shape"]]
-                    begin, end = (int(x) for x in entry["data_offsets"])
-                except (KeyError, TypeError, ValueError) as err:
-                    raise TranscoderFormatError(f"{path}: malformed header entry for {name!r}") from err
-                label = json.dumps([f"{prefix}{path.stem}/{name}", dtype, shape, end - begin])
-                digest.update(label.encode() + b"\0")
-                handle.seek(start + begin)
-                left = end - begin
-                while left > 0:
-                    block = handle.read(min(_BLOCK, left))
-                    if not block:
-                        raise TranscoderFormatError(f"{path}: tensor {name!r} is truncated")
-                    digest.update(block)
-                    left -= len(block)
-                n_tensors += 1
-                n_bytes += end - begin
-    return n_tensors, n_bytes
-
-
 def transcoder_identity(directory: str | Path) -> TranscoderIdentity:
     """The identity of the dictionary in `directory` (see the module docstring)."""
     started = time.perf_counter()
@@ -106,7 +78,10 @@ def transcoder_identity(directory: str | Path) -> TranscoderIdentity:
     digest.update(json.dumps({"identity_version": IDENTITY_VERSION, "config": config}, sort_keys=True).encode())
     digest.update(b"\0")
     files = sorted(p for p in root.glob("*.safetensors") if p.is_file() and not p.name.startswith("."))
-    n_tensors, n_bytes = hash_safetensors(files, digest)
+    try:
+        n_tensors, n_bytes = hash_safetensors(files, digest)
+    except IdentityError as err:
+        raise TranscoderFormatError(str(err)) from err
     return TranscoderIdentity(
         id=f"{config['kind']}-{digest.hexdigest()[:_HEX_DIGITS]}",
         name=root.resolve().name,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from atlas.models.identity import IdentityError, safetensors_header
 from atlas.transcoders.activations import ActivationConfig
 from atlas.transcoders.base import EncoderStack, TranscoderKind, TranscoderSpec
 from atlas.transcoders.cross_layer import CrossLayerTranscoder
@@ -36,7 +36,6 @@ from atlas.transcoders.per_layer import PerLayerTranscoder
 METADATA_FILE = "atlas.json"
 CONFIG_FILE = "config.yaml"
 _MODEL_KINDS: dict[str, TranscoderKind] = {"transcoder_set": "plt", "cross_layer_transcoder": "clt"}
-_MAX_HEADER = 100 << 20  # the safetensors format's own limit on its JSON header
 
 
 class TranscoderFormatError(ValueError):
@@ -213,26 +212,13 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the offset where its data starts."""
-    with path.open("rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise TranscoderFormatError(f"{path}: too short to be a safetensors file")
-        (size,) = struct.unpack("<Q", raw)
-        if size > _MAX_HEADER:
-            raise TranscoderFormatError(f"{path}: safetensors header of {size} bytes is implausible")
-        try:
-            header = json.loads(handle.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise TranscoderFormatError(f"{path}: unreadable safetensors header ({err})") from err
-    if not isinstance(header, dict):
-        raise TranscoderFormatError(f"{path}: safetensors header is not an object")
-    return header, 8 + size
-
-
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    header, _ = safetensors_header(path)
+    if not path.is_file():
+        raise TranscoderFormatError(f"missing weight file {path}")
+    try:
+        header, _ = safetensors_header(path)
+    except IdentityError as err:
+        raise TranscoderFormatError(str(err)) from err
     try:
         return {k: tuple(int(s) for s in v["shape"]) for k, v in header.items() if k != "__metadata__"}
     except (KeyError, TypeError, ValueError) as err:
