@@ -2,7 +2,9 @@
 
 Global identity nodes (shared by every prompt, MERGEd on their key, never deleted by a prompt re-ingest):
 
-    (:Model {name})
+    (:Model {name, source, weights, names})                  name = the model key (`atlas.models.identity`): the
+                                                             packaged/tiny/hub name, or "hf-<hash>" of a local
+                                                             directory's weights; names: what it was loaded by
     (:Transcoder {id, model, identity, kind, config, names, sources})-[:FOR]->(:Model)
                                                              id = hash of the dictionary's weights and semantic
                                                              config (`atlas.transcoders.identity`, e.g.

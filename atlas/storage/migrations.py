@@ -4,8 +4,9 @@
 to `graph_schema.SCHEMA_VERSION` through `MIGRATIONS`. Each migration runs in one write transaction that also bumps
 the version node, so a failed migration leaves the store at its old version.
 
-This module sits above both `graph_schema` (names, constraints) and `aggregate` (the aggregate layer's maintenance),
-which the migrations use; neither of those imports it. It must not write prompt graphs itself.
+This module sits above `graph_schema` (names, constraints), `aggregate` (the aggregate layer's maintenance) and
+`identities` (transcoder identities), which the migrations use; none of those imports it. It must not write prompt
+graphs itself.
 """
 
 from __future__ import annotations
