@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 import ingest.pipeline
 from atlas.models.identity import model_identity
 from atlas.models.tiny import TINY_MODELS, build_tiny_hf_model, tiny_tokenizer
+from atlas.storage import identities
 from atlas.storage.aggregate import aggregate_rows, rebuild_aggregates
 from atlas.storage.graph_schema import STORE_NAME
 from atlas.storage.identities import transcoders
@@ -313,17 +314,25 @@ def test_migrate_merges_two_copies_into_the_store_one_ingest_builds(
     assert [len(s["prompts"]) for s in split] == [len(PROMPTS)] * 2  # every prompt and feature twice
     assert split[0]["features"] == split[1]["features"] == reference["features"]
 
-    report = migrate_identities(neo4j_driver, [first, second], stats_db=stats)
+    # Killed part-way: the statistics merged, the first copy's prompts moved, its features not re-keyed yet.
+    def killed(tx: Any, rows: Any, new: str) -> int:
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(identities, "_move_features", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        migrate_identities(neo4j_driver, [first, second], stats_db=stats)
+    monkeypatch.undo()
+    assert {old_a, old_b} <= set(legacy_ids(neo4j_driver))
+    assert len(_state(neo4j_driver, new_id, stats)["prompts"]) == len(PROMPTS)  # the first copy's, moved
+
+    report = migrate_identities(neo4j_driver, [first, second], stats_db=stats)  # the rerun finishes the job
     assert report.mapping == {old_a: new_id, old_b: new_id}
     graph = report.graph
-    assert (graph.transcoders_merged, graph.prompts_moved, graph.prompts_deduplicated) == (
-        2,
-        len(PROMPTS),
-        len(PROMPTS),
-    )
+    n = len(PROMPTS)
+    assert (graph.transcoders_merged, graph.prompts_moved, graph.prompts_deduplicated) == (2, 0, n)
     assert graph.features_rekeyed == graph.features_merged == reference["features"]
     assert graph.aggregates_rebuilt == [new_id]
-    assert sorted(report.stats.values()) == ["dropped", "kept"]
+    assert report.stats == {}  # merged by the killed run already, not again
     merged = _state(neo4j_driver, new_id, stats)
     assert merged == reference
     assert not {old_a, old_b} & {t["id"] for t in transcoders(neo4j_driver)}

@@ -12,7 +12,8 @@ migration 4 -> 5 (`label_legacy_transcoders`) only marks those nodes `identity: 
 their id contains, because the store does not hold the weights. `merge_transcoders` does the rest once the
 dictionaries are at hand (`atlas db migrate --transcoders DIR...`): for each legacy id it is given the new id, and
 for each of its prompts the prompt id a single ingest under the new id would have given (the caller computes those;
-this layer does not know the ingest's prompt-key rule). Per legacy id, in one write transaction:
+this layer does not know the ingest's prompt-key rule). Per legacy id, in bounded write transactions (32 prompts or
+2,000 features each; every step is idempotent and the old node goes last, so an interrupted run resumes):
 
 1. the new Transcoder is MERGEd, taking over the old node's names, sources and model, and marked
    `aggregates_stale`;
@@ -200,9 +201,8 @@ RETURN count(g) AS merged, count(*) AS total
 """
 
 
-def _merge_one(
-    tx: ManagedTransaction, old: str, label: DictionaryLabel, prompt_rows: list[dict[str, str]], chunk: int
-) -> tuple[int, int, int, int]:
+def _claim(tx: ManagedTransaction, old: str, label: DictionaryLabel) -> None:
+    """MERGE the new Transcoder with the old one's labels and model, marked `aggregates_stale`."""
     tx.run(
         """
         MATCH (o:Transcoder {id: $old})
@@ -219,25 +219,53 @@ def _merge_one(
         old=old, new=label.id, identity=IDENTITY_WEIGHTS, kind=label.kind, name=label.name, source=label.source,
         config=json.dumps(dict(label.config), sort_keys=True),
     ).consume()  # fmt: skip
-    duplicates = 0
-    for start in range(0, len(prompt_rows), chunk):
-        record = tx.run(_MOVE_PROMPTS, rows=prompt_rows[start : start + chunk], new=label.id).single()
-        duplicates += int(record["duplicates"]) if record else 0
+
+
+def _move_prompts(tx: ManagedTransaction, rows: list[dict[str, str]], new: str) -> int:
+    record = tx.run(_MOVE_PROMPTS, rows=rows, new=new).single()
+    return int(record["duplicates"]) if record else 0
+
+
+def _move_features(tx: ManagedTransaction, rows: list[dict[str, Any]], new: str) -> int:
+    record = tx.run(_MOVE_FEATURES, rows=rows, new=new).single()
+    return int(record["merged"]) if record else 0
+
+
+def _merge_one(
+    session: Any, driver: Driver, database: str, old: str, label: DictionaryLabel,
+    new_prompt_id: Callable[[Mapping[str, Any], str], str | None], prompts_per_tx: int, features_per_tx: int,
+    report: MergeReport,
+) -> None:  # fmt: skip
+    """Fold `old` into `label.id` in bounded transactions. Each step is idempotent (a moved prompt or feature no
+    longer belongs to `old`), and the old node goes last, so a run cut short resumes where it stopped."""
+    session.execute_write(_claim, old, label)
+    rows = []
+    for prompt in stored_prompts(driver, old, database):
+        new = new_prompt_id(prompt, label.id)
+        report.prompts_kept_id += new is None
+        rows.append({"old": prompt["id"], "new": prompt["id"] if new is None else new})
+    for start in range(0, len(rows), prompts_per_tx):
+        batch = rows[start : start + prompts_per_tx]
+        duplicates = session.execute_write(_move_prompts, batch, label.id)
+        report.prompts_deduplicated += duplicates
+        report.prompts_moved += len(batch) - duplicates
     keys = [
         (r["key"], feature_key(label.id, int(r["layer"]), int(r["index"])))
-        for r in tx.run(
+        for r in driver.execute_query(
             "MATCH (f:Feature) WHERE f.transcoder = $old AND f.layer IS NOT NULL AND f.index IS NOT NULL "
             "RETURN f.key AS key, f.layer AS layer, f.index AS index ORDER BY key",
             old=old,
-        )
+            database_=database,
+        ).records
     ]
     features = [{"old": old_key, "new": new_key, "h": node_hash(new_key)} for old_key, new_key in keys]
-    merged = 0
-    for start in range(0, len(features), chunk):
-        record = tx.run(_MOVE_FEATURES, rows=features[start : start + chunk], new=label.id).single()
-        merged += int(record["merged"]) if record else 0
-    tx.run("MATCH (o:Transcoder {id: $old}) DETACH DELETE o", old=old).consume()
-    return len(prompt_rows) - duplicates, duplicates, len(features) - merged, merged
+    for start in range(0, len(features), features_per_tx):
+        batch = features[start : start + features_per_tx]
+        merged = session.execute_write(_move_features, batch, label.id)
+        report.features_merged += merged
+        report.features_rekeyed += len(batch) - merged
+    session.execute_write(lambda tx: tx.run("MATCH (o:Transcoder {id: $old}) DETACH DELETE o", old=old).consume())
+    report.transcoders_merged += 1
 
 
 def merge_transcoders(
@@ -246,7 +274,8 @@ def merge_transcoders(
     new_prompt_id: Callable[[Mapping[str, Any], str], str | None],
     *,
     database: str = "neo4j",
-    chunk: int = 2_000,
+    prompts_per_tx: int = 32,
+    features_per_tx: int = 2_000,
 ) -> MergeReport:
     """Fold each stored Transcoder `old` of `mapping` into `mapping[old].id` (see the module docstring).
 
@@ -260,19 +289,9 @@ def merge_transcoders(
             if old == label.id:
                 continue
             exists = session.run("MATCH (o:Transcoder {id: $old}) RETURN count(o) AS n", old=old).single()
-            if not exists or not exists["n"]:
-                continue
-            rows = []
-            for prompt in stored_prompts(driver, old, database):
-                new = new_prompt_id(prompt, label.id)
-                report.prompts_kept_id += new is None
-                rows.append({"old": prompt["id"], "new": prompt["id"] if new is None else new})
-            moved, dup, rekeyed, merged = session.execute_write(_merge_one, old, label, rows, chunk)
-            report.transcoders_merged += 1
-            report.prompts_moved += moved
-            report.prompts_deduplicated += dup
-            report.features_rekeyed += rekeyed
-            report.features_merged += merged
+            if exists and exists["n"]:
+                _merge_one(session, driver, database, old, label, new_prompt_id, prompts_per_tx, features_per_tx,
+                           report)  # fmt: skip
     report.aggregates_rebuilt = rebuild_stale_aggregates(driver, database)
     return report
 
