@@ -26,6 +26,7 @@ from atlas.models.identity import model_identity
 from atlas.models.tiny import TINY_MODELS, build_tiny_hf_model, tiny_tokenizer
 from atlas.storage import identities
 from atlas.storage.aggregate import aggregate_rows, rebuild_aggregates
+from atlas.storage.feature_stats import FeatureStatsShard, FeatureStatsStore
 from atlas.storage.graph_schema import STORE_NAME
 from atlas.storage.identities import transcoders
 from atlas.storage.migrations import ensure_schema
@@ -152,6 +153,38 @@ def test_packaged_model_identity_is_its_name_with_the_gguf_digest(
     again = model_identity(DEFAULT_MODEL)
     assert first.key == again.key == DEFAULT_MODEL and first.weights == again.weights
     assert first.weights is not None and len(first.weights) == 64 and again.cached
+
+
+def _stats(store: FeatureStatsStore, tmp: Path, transcoder_id: str, prompts: dict[str, float]) -> None:
+    """One shard of 1 layer x 2 features: each prompt one token activating feature 0 at `prompts[pid]`."""
+    shard = FeatureStatsShard(transcoder_id, 1, 2)
+    for pid, value in prompts.items():
+        shard.add(pid, ["t"], torch.tensor([[[value, 0.0]]]))
+    store.ingest([shard.write(tmp)])
+
+
+def test_statistics_merge_counts_each_prompt_once(tmp_path: Path) -> None:
+    store = FeatureStatsStore(tmp_path / "s.duckdb")
+    values = {"p1": 1.0, "p2": 2.0, "p3": 3.0, "p4": 4.0}
+    _stats(store, tmp_path, "old-a", {"x1": 1.0, "x2": 2.0})  # p1, p2 under their old ids
+    _stats(store, tmp_path, "old-b", {"y1": 1.0, "y2": 2.0})  # the same two prompts through a copy
+    _stats(store, tmp_path, "old-c", {"z3": 3.0})  # a third copy with another prompt
+    _stats(store, tmp_path, "old-d", {"w2": 2.0, "w4": 4.0})  # overlaps the others in part
+    prompt_map = {"x1": "p1", "x2": "p2", "y1": "p1", "y2": "p2", "z3": "p3", "w2": "p2", "w4": "p4"}
+    groups = {"clt-new": {"old-a": {"p1", "p2"}, "old-b": {"p1", "p2"}, "old-c": {"p3"}, "old-d": {"p2", "p4"},
+                          "clt-new": set()}}  # fmt: skip
+    actions = store.merge_transcoder_ids(groups, prompt_map)
+    assert actions == {"old-a": "kept", "old-b": "dropped", "old-c": "added", "old-d": "inexact"}
+    with duckdb.connect(str(store.path), read_only=True) as con:
+        row = con.execute("SELECT n_tokens, n_active, max_activation FROM feature_stats "
+                          "WHERE transcoder_id = 'clt-new' AND feature = 0").fetchone()  # fmt: skip
+        examples = con.execute("SELECT prompt_id FROM top_examples WHERE transcoder_id = 'clt-new' AND feature = 0 "
+                               "ORDER BY activation DESC").fetchall()  # fmt: skip
+        left = con.execute("SELECT count(*) FROM feature_stats WHERE transcoder_id LIKE 'old-%'").fetchone()
+    assert row == (3, 3, 3.0)  # p1, p2, p3 once each; p4 is lost with the partial overlap (reported inexact)
+    assert [e[0] for e in examples] == ["p3", "p2", "p1"] and left == (0,)
+    assert set(values) > {e[0] for e in examples}
+    assert store.merge_transcoder_ids(groups, prompt_map) == {}  # idempotent
 
 
 # -- real Neo4j ------------------------------------------------------------------------------------------------
