@@ -76,17 +76,31 @@ def build_interventions(
 
 
 def resolve_runtime(
-    prompt_model: str | None, prompt_transcoder: str | None, *, default_model: str, transcoders: Path | None
+    prompt_model: str | None,
+    prompt_transcoder: str | None,
+    *,
+    default_model: str,
+    transcoders: Path | None,
+    model_names: Sequence[str] = (),
+    transcoder_sources: Sequence[str] = (),
 ) -> tuple[str, Path]:
     """`(model name, transcoder directory)` for a prompt: the model it was attributed with (else the default),
-    and `--transcoders` if given, else the prompt's transcoder id when it is a directory on this machine."""
+    and `--transcoders` if given, else the prompt's transcoder id when it is a directory on this machine, else the
+    first directory its Transcoder was ingested from (`transcoder_sources`) that exists here. A model stored by the
+    hash of a local directory (`hf-...`) is loaded from the first of its recorded `model_names` that exists here."""
     model = (prompt_model or "").strip() or default_model
+    if model.startswith("hf-"):
+        local = [name for name in model_names if Path(name).expanduser().is_dir()]
+        if not local:
+            raise InputError(f"the prompt's model {model} was loaded from a local directory that is not here")
+        model = local[0]
     if transcoders is not None:
         if not transcoders.is_dir():
             raise InputError(f"transcoder directory {transcoders} does not exist (--transcoders / ATLAS_TRANSCODERS)")
         return model, transcoders
-    if prompt_transcoder and Path(prompt_transcoder).is_dir():
-        return model, Path(prompt_transcoder)
+    for candidate in (prompt_transcoder, *transcoder_sources):
+        if candidate and Path(candidate).is_dir():
+            return model, Path(candidate)
     raise InputError(
         f"the prompt's transcoders {prompt_transcoder!r} are not a directory here: start the app with "
         "--transcoders DIR (or set ATLAS_TRANSCODERS)"

@@ -107,16 +107,34 @@ class AtlasStore:
 
     # -- overview ------------------------------------------------------------------------------------------------
 
-    def models(self) -> list[dict[str, Any]]:
+    def dictionaries(self) -> list[dict[str, Any]]:
+        """One row per transcoder dictionary (keyed by its weights): its names and where it came from, its models,
+        how many prompts it has; dictionaries still keyed by path (schema <= 4, `atlas db migrate`) say so."""
         return self.read(
             """
-            MATCH (m:Model)
-            OPTIONAL MATCH (t:Transcoder)-[:FOR]->(m)
-            OPTIONAL MATCH (p:Prompt {transcoder: t.id})
-            RETURN m.name AS model, t.id AS transcoder, count(p) AS prompts
-            ORDER BY model, transcoder
+            MATCH (t:Transcoder)
+            OPTIONAL MATCH (t)-[:FOR]->(m:Model)
+            WITH t, collect(DISTINCT m.name) AS models
+            CALL (t) { MATCH (p:Prompt) WHERE p.transcoder = t.id RETURN count(p) AS prompts }
+            RETURN t.id AS dictionary, coalesce(t.kind, '') AS kind, models,
+                   coalesce(properties(t)['names'], []) AS names, coalesce(properties(t)['sources'], []) AS sources,
+                   coalesce(properties(t)['identity'], 'legacy') AS identity, prompts
+            ORDER BY dictionary
             """
         )
+
+    def runtime_labels(self, model: str, transcoder: str) -> tuple[list[str], list[str]]:
+        """The names a model was loaded by and the directories a dictionary was ingested from (for re-running)."""
+        rows = self.read(
+            """
+            OPTIONAL MATCH (m:Model {name: $model})
+            OPTIONAL MATCH (t:Transcoder {id: $transcoder})
+            RETURN coalesce(properties(m)['names'], []) AS names, coalesce(properties(t)['sources'], []) AS sources
+            """,
+            model=model,
+            transcoder=transcoder,
+        )
+        return (list(rows[0]["names"]), list(rows[0]["sources"])) if rows else ([], [])
 
     def runs(self) -> list[dict[str, Any]]:
         return self.read(

@@ -311,6 +311,75 @@ def db_status() -> None:
         raise typer.Exit(code=3)
 
 
+@db_app.command("migrate")
+def db_migrate(
+    transcoders: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--transcoders",
+            "-t",
+            help="A transcoder directory whose stored ids to bring to the weights "
+            "rule (repeat for each copy or dictionary).",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
+    mapping: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--map",
+            help="OLD_ID=DIR: the stored legacy id OLD_ID is the dictionary in DIR (when the "
+            "directory it was ingested from is gone or was re-saved since).",
+        ),
+    ] = None,
+    stats_db: Annotated[Path | None, typer.Option(help="Feature statistics DuckDB (default: the store's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Upgrade the store's schema; with --transcoders, re-key those dictionaries by their weights and merge copies.
+
+    Idempotent. Stop ingests while it runs: it moves prompts and rebuilds the aggregate layer of merged dictionaries.
+    """
+    from neo4j import GraphDatabase
+
+    from atlas.config import stats_db_path
+    from ingest.migrate import legacy_ids, migrate_identities
+    from ingest.pipeline import open_connection
+
+    explicit: dict[str, str] = {}
+    for item in mapping or []:
+        old, sep, directory = item.partition("=")
+        if not sep or not old or not Path(directory).is_dir():
+            raise typer.BadParameter(f"--map wants OLD_ID=DIR with an existing DIR, got {item!r}")
+        explicit[old] = directory
+    connection = open_connection(None)
+    driver = GraphDatabase.driver(connection.uri, auth=(connection.user, connection.password))
+    try:
+        report = migrate_identities(driver, transcoders or [], database=connection.database,
+                                    stats_db=stats_db or stats_db_path(), explicit=explicit)  # fmt: skip
+        left = legacy_ids(driver, connection.database)
+    except user_errors() as err:
+        fail(err)
+    finally:
+        driver.close()
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2, default=str))
+        return
+    for directory, ident in report.dictionaries.items():
+        console.print(f"{directory}: [bold]{ident['id']}[/] (was {ident['legacy_id']}; hashed in {ident['seconds']} s)")
+    graph = report.graph
+    console.print(
+        f"merged {graph.transcoders_merged} stored id(s): {graph.prompts_moved} prompts moved, "
+        f"{graph.prompts_deduplicated} duplicate prompts removed, {graph.features_rekeyed} features re-keyed, "
+        f"{graph.features_merged} merged; aggregates rebuilt for {graph.aggregates_rebuilt or 'none'}"
+    )
+    if report.stats:
+        console.print("statistics: " + ", ".join(f"{sid} {action}" for sid, action in sorted(report.stats.items())))
+    if "inexact" in report.stats.values():
+        console.print("[yellow]some statistics overlapped only in part and were dropped; re-ingest to recount[/]")
+    if left:
+        console.print(f"[yellow]still keyed by path (pass their directories with --transcoders or --map):[/] {left}")
+
+
 def register(app: typer.Typer) -> None:
     """Add these commands and command groups to the root `atlas` app."""
     app.add_typer(model_app, name="model")

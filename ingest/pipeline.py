@@ -42,14 +42,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from atlas.config import ENV_DASK_SCHEDULER, require_at_least, runs_dir, stats_db_path
+from atlas.models.identity import model_identity
 from atlas.storage.feature_stats import FeatureStatsStore
 from atlas.storage.neo4j_server import Neo4jConnection
 from atlas.storage.neo4j_writer import GraphWriter
+from atlas.transcoders.identity import transcoder_identity
 from ingest.ledger import FAIL_INPUT, FAIL_PROMPT, FAIL_TASK, Ledger
 from ingest.loader import StoreLoader, retrying
 from ingest.preflight import check_inputs
 from ingest.prompts import prompt_key, read_corpus
-from ingest.settings import AttributionSettings, IngestIdentity, batch_key, transcoder_identity
+from ingest.settings import AttributionSettings, IngestIdentity, batch_key
 from ingest.worker import (
     SUMMARY_FILE,
     BatchSpec,
@@ -328,14 +330,17 @@ def run_ingest(
         check_inputs(options.corpus, transcoder_dir, options.model)
     with phase("read"):
         records, issues = read_corpus(options.corpus, text_field=options.text_field)
-        transcoder_id = transcoder_identity(transcoder_dir)
-        identity = IngestIdentity(options.model, str(transcoder_dir.resolve()), transcoder_id, options.settings)
+        dictionary = transcoder_identity(transcoder_dir)  # by weights and semantic config, not by path or name
+        transcoder_id = dictionary.id
+        model = model_identity(options.model)  # the store's key: the name, or the weights of a local directory
+        identity = IngestIdentity(options.model, str(transcoder_dir.resolve()), transcoder_id, options.settings,
+                                  model_key=model.key)  # fmt: skip
         settings_id = options.settings.identity()
         items: dict[str, PromptItem] = {}
         for record in records:
-            pid = prompt_key(record.text, model=options.model, transcoder_id=transcoder_id, settings=settings_id)
+            pid = prompt_key(record.text, model=model.key, transcoder_id=transcoder_id, settings=settings_id)
             items.setdefault(pid, PromptItem(pid, record.text, record.line, record.meta))
-    identity_hash = prompt_key("", model=options.model, transcoder_id=transcoder_id, settings=settings_id)
+    identity_hash = prompt_key("", model=model.key, transcoder_id=transcoder_id, settings=settings_id)
     run = options.run or f"{options.corpus.stem}-{identity_hash[:8]}"
     run_dir = (options.runs_root or runs_dir()) / run
     shard_root = run_dir / SHARDS_DIR
@@ -367,6 +372,13 @@ def run_ingest(
                                  after_write=aggregate_hook)  # fmt: skip
             with phase("connect"):
                 retrying(writer.ensure_schema, retry_s=options.neo4j_retry_s, what="schema")
+                retrying(lambda: writer.register_model(model.key, name=model.name, source=model.source,
+                                                       weights=model.weights),
+                         retry_s=options.neo4j_retry_s, what="model")  # fmt: skip
+                retrying(lambda: writer.register_transcoder(dictionary.id, model=model.key, name=dictionary.name,
+                                                            source=dictionary.source, kind=dictionary.kind,
+                                                            config=dictionary.config),
+                         retry_s=options.neo4j_retry_s, what="transcoder")  # fmt: skip
                 stored = loader.existing(items)
                 if aggregate_hook is not None and stored:  # a run killed between a write and its aggregate update
                     retrying(lambda: aggregate_hook(sorted(stored)), retry_s=options.neo4j_retry_s, what="aggregates")

@@ -1,8 +1,9 @@
 """What identifies an ingest: the attribution settings, the transcoders' identity, and the batch/shard naming.
 
 `AttributionSettings` is everything that changes a prompt's graph (and therefore enters its id); `identity()` is its
-canonical dict. `transcoder_identity(directory)` names a transcoder set by the content of its files, so the same
-weights under another path are the same transcoders. Pure functions and frozen data; no model, no store.
+canonical dict. `transcoder_identity(directory)` names a transcoder set by its weights and semantic configuration
+(`atlas.transcoders.identity`): the same weights under another path or name, or with other timings in `atlas.json`,
+are the same transcoders, and their prompts are stored once. Pure functions and frozen data; no model, no store.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from atlas.transcoders.identity import transcoder_identity as identify_transcoders
 
 TARGET_SALIENT = "salient"  # the model's top next tokens (default)
 TARGET_ANSWER = "answer"  # the record's `answer` field (its first token)
@@ -43,24 +46,27 @@ class AttributionSettings:
 
 @dataclass(frozen=True)
 class IngestIdentity:
-    """(model, transcoders, settings): prompts are stored once per identity."""
+    """(model, transcoders, settings): prompts are stored once per identity.
+
+    `model` is what the workers load (a name or a local path); `model_key` what the store keys the model by
+    (`atlas.models.identity.model_identity`: the name, or `hf-<hash of the weights>` for a local directory);
+    empty means `model`.
+    """
 
     model: str
     transcoder_dir: str
     transcoder_id: str
     settings: AttributionSettings = field(default_factory=AttributionSettings)
+    model_key: str = ""
+
+    @property
+    def store_model(self) -> str:
+        return self.model_key or self.model
 
 
-def transcoder_identity(directory: str | Path, *, chunk: int = 1 << 20) -> str:
-    """`<directory name>-<12 hex digits of SHA-256 over the files' names and contents>`."""
-    root = Path(directory)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        digest.update(str(path.relative_to(root)).encode())
-        with path.open("rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-    return f"{root.resolve().name}-{digest.hexdigest()[:12]}"
+def transcoder_identity(directory: str | Path) -> str:
+    """The id of the dictionary in `directory`: `<kind>-<16 hex>` over its weights and semantic configuration."""
+    return identify_transcoders(directory).id
 
 
 def batch_key(prompt_ids: list[str]) -> str:

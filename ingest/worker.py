@@ -172,7 +172,7 @@ def attribute_prompt(plugin: ModelPlugin, item: PromptItem, spec: BatchSpec, tim
     timings["stats_forward"] += time.perf_counter() - started
     meta: dict[str, Any] = {
         "id": item.prompt_id,
-        "model": identity.model,
+        "model": identity.store_model,
         "transcoder": identity.transcoder_id,
         "text": item.text,
         "run": spec.run,

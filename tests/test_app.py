@@ -230,6 +230,10 @@ def test_overview_counts_prompts_and_plots_scores(app_env: AtlasFixture) -> None
     runs = at.dataframe[1].value
     mine = runs[(runs["run"] == app_env.run) & (runs["transcoder"] == app_env.transcoder_id)]
     assert int(mine["prompts"].sum()) == len(app_env.graphs)
+    (dictionaries,) = frames(at, "dictionary", "names", "sources")
+    ours = dictionaries[dictionaries["dictionary"] == app_env.transcoder_id]  # listed once, by its weights
+    assert len(ours) == 1 and ours.iloc[0]["names"] == app_env.transcoder_dir.name
+    assert ours.iloc[0]["sources"] == str(app_env.transcoder_dir) and ours.iloc[0]["identity"] == "weights"
     tasks = at.dataframe[2].value
     assert set(PROMPTS) <= set(tasks["task"])
     charts = [c for c in at.get("plotly_chart")]
@@ -416,7 +420,9 @@ def test_cypher_console_rejects_writes_and_returns_rows(app_env: AtlasFixture, n
     assert at.get("plotly_chart"), "paths come back as a graph"
 
 
-def test_intervention_changes_the_logits(app_env: AtlasFixture, tiny_gpt2: LoadedModel) -> None:
+def test_intervention_changes_the_logits(
+    app_env: AtlasFixture, tiny_gpt2: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from atlas.attribution.interventions import FeatureIntervention, intervene
     from atlas.transcoders import load_transcoder
 
@@ -446,6 +452,18 @@ def test_intervention_changes_the_logits(app_env: AtlasFixture, tiny_gpt2: Loade
     table = frames(at, "before", "after", "delta")[0]
     assert (table["delta"].abs() > 0).any()
     assert len(at.code) == 2  # continuations with and without
+    # Without --transcoders the dictionary is found through the directory it was ingested from (its weights-based
+    # id is no path).
+    monkeypatch.delenv("ATLAS_TRANSCODERS")
+    again = app_test("views/interventions.py")
+    again.selectbox(key="iv_prompt").select(pid).run()
+    again.multiselect(key="iv_features").select(node_id)
+    again.selectbox(key="iv_op").select("ablate")
+    again.selectbox(key="iv_mode").select("constrained")
+    again.slider(key="iv_new_tokens").set_value(4)
+    again.button(key="iv_run").click().run()
+    assert not errors(again), errors(again)
+    assert again.session_state["iv_result"].max_abs_delta == pytest.approx(outcome.max_abs_delta, rel=1e-6)
 
 
 def test_unreachable_store_shows_a_readable_error_on_every_page(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -262,6 +262,13 @@ def test_resolve_runtime_prefers_flag_then_prompt_directory(tmp_path: Path) -> N
         resolve_runtime("x", "not-a-dir", default_model="m", transcoders=None)
     with pytest.raises(InputError, match="does not exist"):
         resolve_runtime("x", None, default_model="m", transcoders=tmp_path / "missing")
+    # weights-keyed ids: the dictionary from a recorded source, the model from a recorded local name
+    assert resolve_runtime("tiny-gpt2", "clt-0123456789abcdef", default_model="m", transcoders=None,
+                           transcoder_sources=["/gone", str(tmp_path)]) == ("tiny-gpt2", tmp_path)  # fmt: skip
+    assert resolve_runtime("hf-0123456789abcdef", None, default_model="m", transcoders=tmp_path,
+                           model_names=["/gone", str(tmp_path)]) == (str(tmp_path), tmp_path)  # fmt: skip
+    with pytest.raises(InputError, match="local directory"):
+        resolve_runtime("hf-0123456789abcdef", None, default_model="m", transcoders=tmp_path, model_names=["/gone"])
 
 
 def test_config_from_environment(tmp_path: Path) -> None:

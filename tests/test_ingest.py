@@ -1,8 +1,8 @@
 """Corpus ingest on Dask against a real Neo4j (session fixtures) and DuckDB, on the tiny model.
 
-Each test saves its own random transcoders (a unique tag in their metadata makes a unique transcoder identity, so
-prompt ids never collide with another test's) and uses its own run directory and statistics file. The Dask tests
-share one module-scoped LocalCluster of two single-threaded worker processes.
+Each test saves its own random transcoders (a unique tag added to one decoder bias makes a unique transcoder identity,
+which hashes the weights, so prompt ids never collide with another test's) and uses its own run directory and
+statistics file. The Dask tests share one module-scoped LocalCluster of two single-threaded worker processes.
 """
 
 from __future__ import annotations
@@ -52,13 +52,18 @@ PROMPTS = [
 ]
 
 
-def make_transcoders(directory: Path, seed: int = 3, *, model: str = MODEL, d_model: int = 32) -> Path:
+def make_transcoders(
+    directory: Path, seed: int = 3, *, model: str = MODEL, d_model: int = 32, unique: bool = True
+) -> Path:
+    """Random CLT; `unique`: one decoder bias shifted by a random tag, so its identity is this test's alone."""
     torch.manual_seed(seed)
     transcoder = build_transcoder(TranscoderSpec(kind="clt", n_layers=2, d_model=d_model, n_features=8))
     with torch.no_grad():
         transcoder.b_enc.fill_(0.05)  # about half the features active: small graphs, quick tests
         for layer in range(2):
             transcoder.W_dec[layer].mul_(20)
+        if unique:
+            transcoder.b_dec[0, 0] += 1e-6 * (1 + uuid.uuid4().int % 1000)
     return save_transcoder(transcoder, directory, model_name=model, metadata={"test_tag": uuid.uuid4().hex})
 
 
@@ -182,13 +187,13 @@ def test_normalise_and_prompt_key() -> None:
 def test_transcoder_identity_follows_content(tmp_path: Path) -> None:
     a = make_transcoders(tmp_path / "a", seed=1)
     ident = transcoder_identity(a)
-    assert transcoder_identity(a) == ident
+    assert transcoder_identity(a) == ident and ident.startswith("clt-")
     (tmp_path / "copy").mkdir()
     for path in a.iterdir():
         (tmp_path / "copy" / path.name).write_bytes(path.read_bytes())
-    assert transcoder_identity(tmp_path / "copy").split("-")[-1] == ident.split("-")[-1]
+    assert transcoder_identity(tmp_path / "copy") == ident  # the id no longer holds the directory's name
     b = make_transcoders(tmp_path / "b", seed=2)
-    assert transcoder_identity(b).split("-")[-1] != ident.split("-")[-1]
+    assert transcoder_identity(b) != ident
 
 
 def test_read_corpus_formats_and_bad_lines(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from atlas.config import PACKAGED_MODELS, cache_dir
 from atlas.models import LoadedModel, ModelLoadError
-from atlas.models.dimensions import ModelDimensions, model_dimensions, model_identity
+from atlas.models.dimensions import ModelDimensions, model_dimensions, model_signature
 from atlas.transcoders import TranscoderFormatError, TranscoderSpec, build_transcoder, read_metadata, save_transcoder
 from atlas.transcoders.checks import check_fit, check_transcoders_fit, inspect_transcoders, read_safetensors_header
 from ingest.preflight import check_inputs
@@ -54,7 +54,7 @@ def test_tiny_model_dimensions_match_the_loaded_model(name: str, request: pytest
 def test_packaged_model_dimensions_match_its_config() -> None:
     spec = next(iter(PACKAGED_MODELS.values()))
     dims = model_dimensions(spec.alias)
-    assert dims is not None and dims.identity == f"name:{spec.hub_label}" == model_identity(spec.hub_label)
+    assert dims is not None and dims.identity == f"name:{spec.hub_label}" == model_signature(spec.hub_label)
     cached = sorted((cache_dir() / "models").glob(f"{spec.alias}-fp32-*/config.json"))
     if not cached:
         pytest.skip("the packaged model has not been converted on this machine")
@@ -66,18 +66,18 @@ def test_local_directory_dimensions_and_identity(tmp_path: Path) -> None:
     a = hf_dir(tmp_path / "a", n_layers=3, hidden=16)
     dims = model_dimensions(str(a))
     assert dims is not None and (dims.n_layers, dims.d_model) == (3, 16)
-    assert dims.identity.startswith("local:") and dims.identity == model_identity(str(a))
+    assert dims.identity.startswith("local:") and dims.identity == model_signature(str(a))
     moved = tmp_path / "elsewhere" / "b"
     moved.parent.mkdir()
     shutil.move(str(a), str(moved))
-    assert model_identity(str(moved)) == dims.identity  # the content names the model, not its path
+    assert model_signature(str(moved)) == dims.identity  # the content names the model, not its path
     other = hf_dir(tmp_path / "c", n_layers=3, hidden=16)
     (other / "model.safetensors").write_bytes(b"x" * 101)
-    assert model_identity(str(other)) != dims.identity
-    assert model_dimensions("gpt2") is None and model_identity("gpt2") == "name:gpt2"  # a hub name: not asked
+    assert model_signature(str(other)) != dims.identity
+    assert model_dimensions("gpt2") is None and model_signature("gpt2") == "name:gpt2"  # a hub name: not asked
     with pytest.raises(ModelLoadError, match="does not exist"):
         model_dimensions(str(tmp_path / "gone"))
-    assert model_identity(str(tmp_path / "gone")) is None
+    assert model_signature(str(tmp_path / "gone")) is None
     (tmp_path / "noconfig").mkdir()
     with pytest.raises(ModelLoadError, match=r"no config\.json"):
         model_dimensions(str(tmp_path / "noconfig"))

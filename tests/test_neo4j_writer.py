@@ -273,7 +273,7 @@ def test_migration_3_to_4_hashes_nodes_and_rekeys_the_aggregate_layer(
         tc=names.transcoder, database_=db,
     )  # fmt: skip
     neo4j_driver.execute_query("MATCH (v:SchemaVersion) SET v.version = 3", database_=db)
-    assert ensure_schema(neo4j_driver, db) == SCHEMA_VERSION == 4
+    assert ensure_schema(neo4j_driver, db) == SCHEMA_VERSION == 5
     after = neo4j_driver.execute_query(
         of_ours + "RETURN f.key AS f, t.key AS t, f.h AS fh, t.h AS th, g.pair AS pair, keys(g) AS props",
         tc=names.transcoder, database_=db,

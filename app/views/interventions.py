@@ -77,9 +77,11 @@ if st.button("Run intervention", type="primary", key="iv_run"):
         n_pos = len(tokens) if tokens else max((n.position for n in nodes), default=0) + 1
         positions = parse_positions(positions_text, n_pos) if positions_text.strip() else None
         edits = build_interventions(picks, positions, operation, float(value))
+        model_names, sources = store().runtime_labels(str(props.get("model")), str(props.get("transcoder")))
         model_name, transcoder_dir = resolve_runtime(
-            props.get("model"), props.get("transcoder"), default_model=cfg.model, transcoders=cfg.transcoders
-        )
+            props.get("model"), props.get("transcoder"), default_model=cfg.model, transcoders=cfg.transcoders,
+            model_names=model_names, transcoder_sources=sources,
+        )  # fmt: skip
         with st.spinner(f"Loading {model_name} and transcoders…"):
             bundle = model_bundle(model_name, str(transcoder_dir))
         if not tokens:

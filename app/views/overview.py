@@ -1,4 +1,6 @@
-"""Overview page: what the atlas holds (models, transcoders, runs, prompts by task, graph-score distributions)."""
+"""Overview page: what the atlas holds (dictionaries and their models, runs, prompts by task, graph-score
+distributions). Each transcoder dictionary is listed once, by its weights-based id, with every name and source
+directory it was ingested from."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ try:
     s = store()
     with st.spinner("Counting the store…"):
         overview = s.q.overview().single
-        models = s.models()
+        dictionaries = s.dictionaries()
         runs = s.runs()
         scores = s.graph_scores()
 except Exception as err:
@@ -31,8 +33,18 @@ if overview.prompts == 0:
 
 left, right = st.columns(2)
 with left:
-    st.subheader("Models and transcoders")
-    st.dataframe(pd.DataFrame(models, columns=["model", "transcoder", "prompts"]), hide_index=True)
+    st.subheader("Transcoder dictionaries")
+    table = pd.DataFrame(
+        dictionaries, columns=["dictionary", "kind", "models", "names", "sources", "identity", "prompts"]
+    )
+    for column in ("models", "names", "sources"):
+        table[column] = table[column].map(", ".join)
+    st.dataframe(table, hide_index=True, key="dictionaries")
+    if (table["identity"] == "legacy").any():
+        st.warning(
+            "Some dictionaries are still keyed by their directory (stored before schema version 5); copies of one "
+            "dictionary may be counted apart. Run `atlas db migrate --transcoders DIR...` to merge them."
+        )
     st.subheader("Runs")
     st.dataframe(pd.DataFrame(runs), hide_index=True)
 with right:

@@ -2,7 +2,7 @@
 
 `model_dimensions(name)` answers for the packaged default (its sizes are declared in `atlas.config`), the tiny test
 models (their configs, below) and local Hugging Face directories (their `config.json`); for a hub name it returns
-None, since knowing its sizes would mean asking the hub. `model_identity(name)` names the model a transcoder set was
+None, since knowing its sizes would mean asking the hub. `model_signature(name)` names the model a transcoder set was
 trained on, so a set trained on another model of the same sizes can be told apart:
 - `name:<hub label>` for the packaged default (its alias and hub label give the same identity);
 - `name:<name>` for the tiny models and hub names;
@@ -96,7 +96,7 @@ def _local_identity(directory: Path) -> str:
     return LOCAL + digest.hexdigest()[:16]
 
 
-def model_identity(name: str) -> str | None:
+def model_signature(name: str) -> str | None:
     """The identity of the model `name` would load (see the module docstring); None for a path that is gone."""
     if name in PACKAGED_MODELS:
         return NAMED + PACKAGED_MODELS[name].hub_label

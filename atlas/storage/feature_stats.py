@@ -18,9 +18,11 @@ demeaned logits of each feature's total decoder write.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,6 +294,106 @@ class FeatureStatsStore:
                 return False
             found = con.execute("SELECT 1 FROM logit_effects WHERE transcoder_id = ? LIMIT 1", [transcoder_id])
             return found.fetchone() is not None
+
+    def merge_transcoder_ids(
+        self, groups: Mapping[str, Mapping[str, Collection[str]]], prompt_ids: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Re-key the statistics of transcoder ids that are one dictionary, counting every prompt once.
+
+        `groups[new_id][source_id]` is the set of (new) prompt ids that `source_id` (a legacy id of the dictionary,
+        or `new_id` itself) has stored; `prompt_ids` maps old prompt ids to new ones (for `top_examples`). The
+        statistics tables hold per-shard partial sums, not per-prompt rows, so overlapping sources cannot be
+        subtracted from one another: per group the source with the most prompts is kept, each other source is
+        added when its prompts are disjoint from those kept (exact), dropped when they are a subset (exact: they
+        were counted already), and dropped with the action `inexact` otherwise (re-ingest to recount). Logit
+        effects, a property of the weights, are taken from the kept source. Returns {source id: action}; sources
+        without rows here are left out. Idempotent (a re-keyed source has no rows left under its old id) and atomic
+        (snapshot swap, like `ingest`).
+        """
+        if not self.path.exists():
+            return {}
+        actions: dict[str, str] = {}
+        with duckdb.connect(str(self.path), read_only=True) as con:
+            tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+            if "shard_counts" not in tables:
+                return {}
+            present = {r[0] for r in con.execute("SELECT DISTINCT transcoder_id FROM shard_counts").fetchall()}
+        renames: list[tuple[str, str]] = []  # (source, new) whose rows stay, under `new`
+        drops: list[str] = []
+        effects_from: dict[str, str] = {}  # new id -> the source whose logit effects are kept
+        with duckdb.connect(str(self.path), read_only=True) as con:
+            with_effects = (
+                {r[0] for r in con.execute("SELECT DISTINCT transcoder_id FROM logit_effects").fetchall()}
+                if "logit_effects" in tables
+                else set()
+            )
+        for new_id, sources in sorted(groups.items()):
+            here = {sid: set(prompts) for sid, prompts in sources.items() if sid in present}
+            if not here or set(here) == {new_id}:
+                continue
+            order = sorted(here, key=lambda sid: (-len(here[sid]), sid != new_id, sid))
+            kept: set[str] = set(here[order[0]])
+            effects_from[new_id] = next((sid for sid in order if sid in with_effects), order[0])
+            renames.append((order[0], new_id))
+            actions[order[0]] = "kept"
+            for sid in order[1:]:
+                if not here[sid] & kept:
+                    renames.append((sid, new_id))
+                    kept |= here[sid]
+                    actions[sid] = "added"
+                elif here[sid] <= kept:
+                    drops.append(sid)
+                    actions[sid] = "dropped"
+                else:
+                    drops.append(sid)
+                    actions[sid] = "inexact"
+        if not renames and not drops:
+            return actions
+        with self._snapshot() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS identity_merges (source VARCHAR, target VARCHAR, action VARCHAR)")
+            tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+            data = [t for t in ("shard_counts", "shard_histogram", "shard_examples") if t in tables]
+            for sid in drops:
+                for table in data:
+                    con.execute(f"DELETE FROM {table} WHERE transcoder_id = ?", [sid])
+            if "logit_effects" in tables:
+                for new_id, source in effects_from.items():
+                    others = [sid for sid in groups[new_id] if sid != source]
+                    con.execute("DELETE FROM logit_effects WHERE list_contains(?, transcoder_id)", [others])
+                    con.execute("UPDATE logit_effects SET transcoder_id = ? WHERE transcoder_id = ?", [new_id, source])
+            if prompt_ids and "shard_examples" in tables:
+                mapping = pa.table({"old": list(prompt_ids), "new": list(prompt_ids.values())})
+                con.register("prompt_map", mapping)
+                con.execute(
+                    "UPDATE shard_examples SET prompt_id = m.new FROM prompt_map m "
+                    "WHERE shard_examples.prompt_id = m.old"
+                )
+                con.unregister("prompt_map")
+            for source, new_id in renames:
+                for table in data:
+                    con.execute(f"UPDATE {table} SET transcoder_id = ? WHERE transcoder_id = ?", [new_id, source])
+            for sid, action in actions.items():
+                target = next(new for new, sources in groups.items() if sid in sources)
+                con.execute("INSERT INTO identity_merges VALUES (?, ?, ?)", [sid, target, action])
+            con.execute(_BUILD_SQL.replace("{top_k}", str(self.top_k)))
+        return actions
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A writable copy of the database, renamed over the live file when the block succeeds."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        if self.path.exists():
+            shutil.copyfile(self.path, tmp)
+        try:
+            con = duckdb.connect(str(tmp))
+            try:
+                yield con
+            finally:
+                con.close()
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @staticmethod
     def _read_shard(directory: Path) -> dict[str, pa.Table]:

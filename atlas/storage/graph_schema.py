@@ -2,8 +2,14 @@
 
 Global identity nodes (shared by every prompt, MERGEd on their key, never deleted by a prompt re-ingest):
 
-    (:Model {name})
-    (:Transcoder {id, model})-[:FOR]->(:Model)
+    (:Model {name, source, weights, names})                  name = the model key (`atlas.models.identity`): the
+                                                             packaged/tiny/hub name, or "hf-<hash>" of a local
+                                                             directory's weights; names: what it was loaded by
+    (:Transcoder {id, model, identity, kind, config, names, sources})-[:FOR]->(:Model)
+                                                             id = hash of the dictionary's weights and semantic
+                                                             config (`atlas.transcoders.identity`, e.g.
+                                                             "clt-3fa9c1d2e4b5a6f7"); names / sources: the directory
+                                                             names and paths it was ingested from (labels, not key)
     (:Feature {key, transcoder, layer, index, h, label?})     key = "{transcoder}/{layer}/{index}" (graph.feature_key)
     (:Token {key, model, id, text, h})                       a vocabulary item; key = "{model}/{id}", because token
                                                              ids are only meaningful within one model's vocabulary
@@ -70,7 +76,10 @@ through its `MIGRATIONS` (version k -> k + 1). Version 1 is the first; version 2
 store use `GraphWriter(aggregates=False)` loads followed by `atlas.storage.aggregate.rebuild_aggregates`, which
 batches); version 3 keys each AGG_EDGE by `pair` (index `atlas_agg_pair`; migration 2 -> 3 sets the key on the
 existing layer in one transaction); version 4 gives Features and Tokens their hash `h`, makes `pair` an integer
-built from the two hashes and stops storing the float sums (migration 3 -> 4 does all three in one transaction).
+built from the two hashes and stops storing the float sums (migration 3 -> 4 does all three in one transaction);
+version 5 keys each Transcoder by its weights instead of its directory (migration 4 -> 5 can only mark the old,
+path-keyed Transcoders `identity: "legacy"`: re-keying them and merging the copies of one dictionary needs the
+weights, `atlas db migrate --transcoders DIR...`, see `atlas.storage.identities`).
 """
 
 from __future__ import annotations
@@ -83,7 +92,7 @@ from neo4j.exceptions import ClientError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 STORE_NAME = "circuit-atlas"
 
 # Labels and relationship types (the only places these strings are spelled out besides the Cypher below).

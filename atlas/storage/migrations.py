@@ -4,8 +4,9 @@
 to `graph_schema.SCHEMA_VERSION` through `MIGRATIONS`. Each migration runs in one write transaction that also bumps
 the version node, so a failed migration leaves the store at its old version.
 
-This module sits above both `graph_schema` (names, constraints) and `aggregate` (the aggregate layer's maintenance),
-which the migrations use; neither of those imports it. It must not write prompt graphs itself.
+This module sits above `graph_schema` (names, constraints), `aggregate` (the aggregate layer's maintenance) and
+`identities` (transcoder identities), which the migrations use; none of those imports it. It must not write prompt
+graphs itself.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from atlas.storage.graph_schema import (
     create_constraints_and_indexes,
     read_schema_version,
 )
+from atlas.storage.identities import label_legacy_transcoders
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,14 @@ def _migrate_3_to_4(tx: ManagedTransaction) -> None:
     hash_and_slim(tx)
 
 
-MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
+def _migrate_4_to_5(tx: ManagedTransaction) -> None:
+    """Version 5: Transcoders keyed by their weights. The store has no weights, so this only marks the existing,
+    path-keyed Transcoders `identity: "legacy"` and records the name in their id; `atlas db migrate --transcoders
+    DIR...` (`identities.merge_transcoders`) re-keys them and merges the copies of one dictionary."""
+    label_legacy_transcoders(tx)
+
+
+MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5}
 
 
 class SchemaVersionError(RuntimeError):

@@ -77,7 +77,7 @@ from neo4j import Driver, ManagedTransaction
 from neo4j.exceptions import ServiceUnavailable, SessionExpired
 
 from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA
-from atlas.storage import aggregate
+from atlas.storage import aggregate, identities
 from atlas.storage.graph_schema import SCHEMA_VERSION
 from atlas.storage.migrations import ensure_schema
 
@@ -344,6 +344,29 @@ class GraphWriter:
             version = ensure_schema(self.driver, self.database)
         self._schema_ready = True
         return version
+
+    def register_transcoder(
+        self, transcoder_id: str, *, model: str, name: str, source: str, kind: str, config: Mapping[str, Any]
+    ) -> None:
+        """MERGE the dictionary's Transcoder (keyed by its weights) and add `name`/`source` to its labels."""
+        if not self._schema_ready:
+            self.ensure_schema()
+        with (
+            _unavailable_as_error(f"transcoder {transcoder_id!r} was not registered"),
+            self.driver.session(database=self.database) as session,
+        ):
+            session.execute_write(identities.register_transcoder, transcoder_id, model=model, name=name,
+                                  source=source, kind=kind, config=config)  # fmt: skip
+
+    def register_model(self, key: str, *, name: str, source: str, weights: str | None) -> None:
+        """MERGE the Model `key` and record the name it was loaded by, its source kind and its weights digest."""
+        if not self._schema_ready:
+            self.ensure_schema()
+        with (
+            _unavailable_as_error(f"model {key!r} was not registered"),
+            self.driver.session(database=self.database) as session,
+        ):
+            session.execute_write(identities.register_model, key, name=name, source=source, weights=weights)
 
     # -- writing -------------------------------------------------------------------------------------------------
 

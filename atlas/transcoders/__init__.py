@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from atlas.transcoders.base import Transcoder, TranscoderOutput, TranscoderShapeError, TranscoderSpec
     from atlas.transcoders.checks import TranscoderFormatError, read_metadata
     from atlas.transcoders.cross_layer import CrossLayerTranscoder
-    from atlas.transcoders.io import build_transcoder, check_compatible, load_transcoder, save_transcoder
+    from atlas.transcoders.identity import TranscoderIdentity, legacy_transcoder_identity, transcoder_identity
+    from atlas.transcoders.io import build_transcoder, check_compatible, load_transcoder, read_spec, save_transcoder
     from atlas.transcoders.per_layer import PerLayerTranscoder
 
 _WHERE = {
@@ -26,6 +27,10 @@ _WHERE = {
     "TranscoderOutput": "base",
     "TranscoderShapeError": "base",
     "TranscoderSpec": "base",
+    "TranscoderIdentity": "identity",
+    "legacy_transcoder_identity": "identity",
+    "transcoder_identity": "identity",
+    "read_spec": "io",
     "build_transcoder": "io",
     "check_compatible": "io",
     "load_transcoder": "io",
@@ -38,14 +43,18 @@ __all__ = [
     "PerLayerTranscoder",
     "Transcoder",
     "TranscoderFormatError",
+    "TranscoderIdentity",
     "TranscoderOutput",
     "TranscoderShapeError",
     "TranscoderSpec",
     "build_transcoder",
     "check_compatible",
+    "legacy_transcoder_identity",
     "load_transcoder",
     "read_metadata",
+    "read_spec",
     "save_transcoder",
+    "transcoder_identity",
 ]
 
 

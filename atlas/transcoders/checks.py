@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from atlas.models.dimensions import LOCAL, NAMED, ModelDimensions, model_dimensions, model_identity
+from atlas.models.dimensions import LOCAL, NAMED, ModelDimensions, model_dimensions, model_signature
 
 METADATA_FILE = "atlas.json"
 CONFIG_FILE = "config.yaml"
@@ -190,7 +190,7 @@ def inspect_transcoders(directory: str | Path) -> TranscoderHeader:
     raw_name = meta.get("model_name") or config.get("model_name")
     model_name = str(raw_name) if raw_name else None
     recorded = meta.get("model_identity")
-    identity = str(recorded) if recorded else model_identity(model_name) if model_name else None
+    identity = str(recorded) if recorded else model_signature(model_name) if model_name else None
     return TranscoderHeader(
         directory=root,
         kind=kind,
@@ -229,7 +229,7 @@ def check_fit(header: TranscoderHeader, model: str, dimensions: ModelDimensions 
             problems.append(f"{header.n_layers} layers vs the model's {dims.n_layers}")
         if header.d_model != dims.d_model:
             problems.append(f"d_model {header.d_model} vs the model's {dims.d_model}")
-    current = dims.identity if dims is not None else model_identity(model)
+    current = dims.identity if dims is not None else model_signature(model)
     recorded = header.model_identity
     if recorded and current and recorded != current and _comparable(recorded, current):
         problems.insert(0, f"they were trained on {header.model_name or recorded!r} ({recorded}), not {model!r}"

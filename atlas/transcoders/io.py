@@ -28,10 +28,17 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from atlas.models.dimensions import model_identity
+from atlas.models.dimensions import model_signature
 from atlas.transcoders.activations import ActivationConfig
 from atlas.transcoders.base import EncoderStack, TranscoderKind, TranscoderSpec
-from atlas.transcoders.checks import CONFIG_FILE, METADATA_FILE, TranscoderFormatError, read_config, read_metadata
+from atlas.transcoders.checks import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    TranscoderFormatError,
+    read_config,
+    read_metadata,
+    read_safetensors_header,
+)
 from atlas.transcoders.cross_layer import CrossLayerTranscoder
 from atlas.transcoders.per_layer import PerLayerTranscoder
 
@@ -80,7 +87,7 @@ def save_transcoder(
             "output_hook": spec.output_hook,
             "model_name": model_name,
             # what `atlas.transcoders.checks` compares with the model an ingest names (None: a path that is gone)
-            "model_identity": model_identity(model_name),
+            "model_identity": model_signature(model_name),
             **(metadata or {}),
         }
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
@@ -181,6 +188,33 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise TranscoderFormatError(f"{path}: tensor {name} contains NaN or infinite values")
     return tensors
+
+
+def read_spec(directory: str | Path) -> TranscoderSpec:
+    """The spec of a saved transcoder from its config, metadata and tensor headers, without loading a weight."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise TranscoderFormatError(f"transcoder directory {root} does not exist")
+    config = read_config(root)
+    kind = _MODEL_KINDS.get(str(config.get("model_kind")))
+    if kind is None:
+        raise TranscoderFormatError(
+            f"{root / CONFIG_FILE}: model_kind is {config.get('model_kind')!r}; expected one of {list(_MODEL_KINDS)}"
+        )
+    meta = read_metadata(root)
+    if kind == "plt":
+        n_layers = _count_layers(root, "layer_{}.safetensors")
+        first = read_safetensors_header(root / "layer_0.safetensors")
+        enc, has_threshold, has_skip = "W_enc", "activation_function.threshold" in first, "W_skip" in first
+    else:
+        n_layers = _count_layers(root, "W_enc_{}.safetensors")
+        first = read_safetensors_header(root / "W_enc_0.safetensors")
+        enc, has_threshold = "W_enc_0", "threshold_0" in first
+        has_skip = (root / "W_skip_0.safetensors").exists()
+    if enc not in first or len(first[enc]) != 2:
+        raise TranscoderFormatError(f"{root}: the first layer's file has no 2-d tensor {enc!r}")
+    F, d = first[enc]
+    return _spec_from(kind, n_layers, F, d, has_threshold, has_skip, config, meta)
 
 
 def _get(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], path: Path) -> torch.Tensor:
