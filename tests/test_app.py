@@ -2,11 +2,11 @@
 
 The store is populated once per session by the real ingest path (`ingest.pipeline.run_ingest`, in-process) with
 the tiny GPT-2 and a random, calibrated CLT saved to disk: a small JSONL corpus tagged with tasks goes in, prompt
-graphs land in Neo4j (with the aggregate layer) and feature statistics in DuckDB. The transcoder directory has a
-unique name, so its transcoder id and prompt ids are unique and other tests sharing the server do not see or disturb
-this content. The oracles come from outside the app: the ingest's own Parquet shards (a feature->logit edge and a
-feature->feature->logit chain of a prompt), activations recomputed with `build_context`, and the intervention
-library called directly.
+graphs land in Neo4j (with the aggregate layer) and feature statistics in DuckDB. One decoder bias of the transcoder
+is shifted by a random tag, so its content identity and prompt ids are unique and other tests sharing the server (the
+browser test builds a second store from the same recipe) do not see or disturb this content. The oracles come from
+outside the app: the ingest's own Parquet shards (a feature->logit edge and a feature->feature->logit chain of a
+prompt), activations recomputed with `build_context`, and the intervention library called directly.
 """
 
 from __future__ import annotations
@@ -137,6 +137,8 @@ def build_atlas(tmp: Path, model: LoadedModel, connection: Neo4jConnection) -> A
     tag = uuid.uuid4().hex[:8]
     all_texts = [text for texts in PROMPTS.values() for text in texts]
     transcoder = calibrated_transcoder(model, all_texts[0])
+    with torch.no_grad():  # identities are by content: a tag-sized shift keeps this fixture's store its own
+        transcoder.b_dec[0, 0] += 1e-6 * (1 + int(tag, 16) % 1000)
     transcoder_dir = save_transcoder(transcoder, tmp / f"apptest-{tag}", model_name=model.info.name)
     corpus = tmp / "corpus.jsonl"
     corpus.write_text(

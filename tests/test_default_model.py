@@ -129,6 +129,7 @@ def test_dallas_prompts_ingested_with_the_answer_target_answer_the_token_query(
         clt.b_dec.zero_()
         clt.log_threshold.fill_(-4.0)  # type: ignore[union-attr]
         clt.b_enc.fill_(-0.5)
+        clt.b_dec[0, 0] += 1e-6 * (1 + uuid.uuid4().int % 1000)  # identities are by content: this test's own
     transcoders = save_transcoder(clt, tmp_path / "clt", model_name=SMOLLM2_135M_INSTRUCT.alias,
                                   metadata={"test_tag": uuid.uuid4().hex})  # fmt: skip
     settings = AttributionSettings(targets=(TARGET_ANSWER,), max_feature_nodes=48, node_threshold=1.0,

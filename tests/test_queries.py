@@ -215,6 +215,11 @@ def test_path_bounds_and_sources_by_label(q: AtlasQueries, world: World) -> None
     assert len(limited.rows) == 2 and limited.rows[0].prompt_id == world.pid("c2")
     only = q.paths_to_logits([world.key(DALLAS)], [" Austin"], max_hops=3, prompt_ids=[world.pid("c3")]).rows
     assert only and {r.prompt_id for r in only} == {world.pid("c3")}
+    # A target list is about whichever targets are stored: the unknown one is named in a note, not an error.
+    partly = q.paths_to_logits([world.key(DALLAS)], [" Austin", f" Atlantis-{world.tag}"], max_hops=3, limit=200)
+    full = q.paths_to_logits([world.key(DALLAS)], [" Austin"], max_hops=3, limit=200)
+    assert [(r.prompt_id, r.weights) for r in partly.rows] == [(r.prompt_id, r.weights) for r in full.rows]
+    assert any(f"Atlantis-{world.tag}" in n for n in partly.notes)
 
 
 @pytest.mark.parametrize(

@@ -712,6 +712,19 @@ class AtlasQueries:
             raise QueryError(f"unknown token(s) {missing}: no stored Token has that text")
         return found
 
+    def _target_keys(self, texts: str | Sequence[str], model: str | None) -> tuple[list[str], list[str]]:
+        """Token keys of the logit-target texts that are stored, and a note naming those that are not.
+
+        A list such as every state capital is a question about whichever of them the store holds: only when none is
+        stored does this raise QueryError (a misspelt single target should not return an empty answer silently)."""
+        names = _check_strings("target tokens", texts)
+        found = {r["text"]: list(r["keys"]) for r in self._read(_TOKENS_BY_TEXT, {"texts": names, "model": model})}
+        missing = [t for t in names if not found.get(t)]
+        if len(missing) == len(names):
+            raise QueryError(f"unknown token(s) {missing}: no stored Token has that text")
+        keys = sorted({k for ks in found.values() for k in ks})
+        return keys, [f"no stored Token for target(s) {missing}; searched the other targets"] if missing else []
+
     def _feature_key(self, feature_key: str) -> str:
         keys, _ = self.resolve_features([feature_key])
         if len(keys) != 1:
@@ -751,7 +764,8 @@ class AtlasQueries:
             raise QueryError("give source features, an input token (at_token), or both")
         started = time.perf_counter()
         keys, notes = (None, []) if sources is None else self.resolve_features(sources)
-        targets = sorted({k for ks in self.resolve_tokens(target_tokens, model=model).values() for k in ks})
+        targets, missing_note = self._target_keys(target_tokens, model)
+        notes.extend(missing_note)
         target_ids = sorted({int(k.rsplit("/", 1)[1]) for k in targets})  # keys are "model/id" (token_key)
         params: dict[str, Any] = {"sources": keys, "targets": targets, "target_ids": target_ids, "min_w": min_w,
                                   "limit": limit, "prompts": prompts}  # fmt: skip
