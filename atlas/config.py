@@ -62,6 +62,20 @@ DEFAULT_MODEL = SMOLLM2_135M_INSTRUCT.alias
 # Where transcoders read and write, as TransformerLens hook names relative to a block (`blocks.{l}.`).
 # The MLP's own input and output: exactly what a per-layer transcoder replaces, and a pair that
 # circuit-tracer accepts for both its per-layer and cross-layer loaders.
+# Published dictionaries by short name -> Hugging Face repo id (`--transcoders gemma`). "gemma" and "llama" are the
+# names circuit-tracer 0.5.0 resolves itself; the others are the repos its README and demos load.
+HUB_PRESETS: dict[str, str] = {
+    "gemma": "mwhanna/gemma-scope-transcoders",
+    "llama": "mntss/transcoder-Llama-3.2-1B",
+    "gemma-2-2b-clt": "mntss/clt-gemma-2-2b-426k",
+    "llama-3.2-1b-clt": "mntss/clt-llama-3.2-1b-524k",
+    "qwen3-0.6b": "mwhanna/qwen3-0.6b-transcoders-lowl0",
+    "qwen3-1.7b": "mwhanna/qwen3-1.7b-transcoders-lowl0",
+    "qwen3-4b": "mwhanna/qwen3-4b-transcoders",
+    "qwen3-8b": "mwhanna/qwen3-8b-transcoders",
+    "qwen3-14b": "mwhanna/qwen3-14b-transcoders-lowl0",
+}
+
 DEFAULT_FEATURE_INPUT_HOOK = "mlp.hook_in"
 DEFAULT_FEATURE_OUTPUT_HOOK = "mlp.hook_out"
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from atlas_cli.common import console, fail
+from atlas_cli.common import TRANSCODERS_HELP, console, fail, transcoder_directory
 
 
 def app_command(
@@ -20,7 +20,7 @@ def app_command(
     ] = None,
     stats_db: Annotated[Path | None, typer.Option(help="DuckDB feature statistics (default: managed store).")] = None,
     model: Annotated[str | None, typer.Option(help="Model for interventions (default: each prompt's model).")] = None,
-    transcoders: Annotated[Path | None, typer.Option(help="Transcoder directory for interventions.")] = None,
+    transcoders: Annotated[str | None, typer.Option(help="Transcoders for interventions: " + TRANSCODERS_HELP)] = None,
 ) -> None:
     """Open the Streamlit atlas app: overview, features, prompt graphs, paths, Cypher console, interventions."""
     import importlib.util
@@ -28,7 +28,8 @@ def app_command(
 
     from app.config import ConfigError, environment_for, load_config
 
-    settings = environment_for(neo4j_uri=neo4j_uri, stats_db=stats_db, model=model, transcoders=transcoders)
+    transcoder_dir = None if transcoders is None else transcoder_directory(transcoders)
+    settings = environment_for(neo4j_uri=neo4j_uri, stats_db=stats_db, model=model, transcoders=transcoder_dir)
     env = {**os.environ, **settings}
     try:
         load_config(env)

@@ -6,12 +6,29 @@ are range-checked by Typer (`min=`/`max=` on the option) before any command body
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NoReturn
 
 import typer
 from rich.console import Console
 
 console = Console(stderr=True)
+
+TRANSCODERS_HELP = (
+    "Transcoder directory (circuit-tracer format), or a published dictionary: a Hugging Face repo id"
+    " (owner/repo[/subfolder][@revision]) or a preset name such as gemma, llama, qwen3-0.6b."
+)
+
+
+def transcoder_directory(source: str) -> Path:
+    """The local directory of `--transcoders`: the path itself, or a published dictionary resolved through the
+    Hugging Face cache (`atlas.transcoders.hub`); a clear one-line error when it is neither."""
+    from atlas.transcoders.hub import resolve_transcoders
+
+    try:
+        return resolve_transcoders(source)
+    except user_errors() as err:
+        fail(err)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from atlas.config import DEFAULT_MODEL
-from atlas_cli.common import console, fail, unit_fraction, user_errors
+from atlas_cli.common import TRANSCODERS_HELP, console, fail, transcoder_directory, unit_fraction, user_errors
 
 model_app = typer.Typer(help="Load and inspect models.", no_args_is_help=True)
 corpus_app = typer.Typer(help="Training corpora.", no_args_is_help=True)
@@ -166,10 +166,11 @@ def print_metrics(metrics: dict[str, Any]) -> None:
 
 
 @transcoders_app.command("info")
-def transcoders_info(directory: Path) -> None:
+def transcoders_info(source: Annotated[str, typer.Argument(help=TRANSCODERS_HELP)]) -> None:
     """Describe a saved transcoder directory (ours or circuit-tracer's) and its training metrics."""
     from atlas.transcoders.io import describe, read_metadata
 
+    directory = transcoder_directory(source)
     try:
         console.print(describe(directory))
         metrics = read_metadata(directory).get("metrics")
@@ -181,7 +182,7 @@ def transcoders_info(directory: Path) -> None:
 
 @transcoders_app.command("eval")
 def transcoders_eval(
-    directory: Path,
+    source: Annotated[str, typer.Argument(help=TRANSCODERS_HELP)],
     model: Annotated[str, typer.Option(help="Model the transcoders were trained on.")] = DEFAULT_MODEL,
     corpus: Annotated[str, typer.Option(help="Evaluation text (held-out sequences of it are used).")] = "offline",
     sequences: Annotated[int, typer.Option(min=1, help="Held-out sequences to evaluate on.")] = 8,
@@ -193,6 +194,7 @@ def transcoders_eval(
     from atlas.training.splicing import spliced_cross_entropy
     from atlas.transcoders import load_transcoder
 
+    directory = transcoder_directory(source)
     try:
         transcoder = load_transcoder(directory)
         loaded = load_model(model)
@@ -213,7 +215,7 @@ def transcoders_eval(
 
 def attribute(
     prompt: Annotated[str, typer.Option(help="Text to attribute (BOS is prepended).")],
-    transcoders: Annotated[Path, typer.Option(help="Transcoder directory (circuit-tracer format).")],
+    transcoders: Annotated[str, typer.Option(help=TRANSCODERS_HELP)],
     model: Annotated[str, typer.Option(help="Model the transcoders belong to.")] = DEFAULT_MODEL,
     target: Annotated[list[str] | None, typer.Option(help="Target token (repeatable); default: top logits.")] = None,
     position: Annotated[int, typer.Option(help="Position the targets are read at (-1: last).")] = -1,
@@ -238,8 +240,9 @@ def attribute(
     from atlas.models import load_model
     from atlas.transcoders import load_transcoder
 
+    transcoder_dir = transcoder_directory(transcoders)
     try:
-        transcoder = load_transcoder(transcoders)
+        transcoder = load_transcoder(transcoder_dir)
         with console.status(f"loading {model}…"):
             loaded = load_model(model)
         n_pos = loaded.tokenize(prompt).shape[1]
@@ -249,7 +252,7 @@ def attribute(
         config = AttributionConfig(max_feature_nodes=max_feature_nodes, batch_size=batch_size)
         with console.status("attributing…"):
             graph = run_attribution(
-                loaded, transcoder, prompt, targets=targets, config=config, transcoder_id=str(transcoders.resolve())
+                loaded, transcoder, prompt, targets=targets, config=config, transcoder_id=str(transcoder_dir.resolve())
             )
             pruned = prune_graph(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
     except user_errors() as err:

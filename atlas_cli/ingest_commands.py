@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from atlas.config import DEFAULT_MODEL
-from atlas_cli.common import console, fail, unit_fraction, user_errors
+from atlas_cli.common import TRANSCODERS_HELP, console, fail, transcoder_directory, unit_fraction, user_errors
 from atlas_cli.core import print_metrics, run_training
 
 
@@ -45,7 +45,7 @@ def run_ingest_command(options: Any) -> Any:
 
 def ingest(
     corpus: Annotated[Path, typer.Option(help="Prompts: .txt (one per line), .jsonl or .parquet.")],
-    transcoders: Annotated[Path, typer.Option(help="Transcoder directory (circuit-tracer format).")],
+    transcoders: Annotated[str, typer.Option(help=TRANSCODERS_HELP)],
     model: Annotated[str, typer.Option(help="Model the transcoders belong to.")] = DEFAULT_MODEL,
     workers: Annotated[
         int | None, typer.Option(min=1, help="LocalCluster processes (default: sized to the machine).")
@@ -72,8 +72,9 @@ def ingest(
     """Attribute every prompt of a corpus on Dask and load graphs into Neo4j, statistics into DuckDB (resumable)."""
     from ingest.preflight import INPUT_ERRORS, check_inputs
 
+    transcoder_dir = transcoder_directory(transcoders)  # a published dictionary: through the Hugging Face cache
     try:  # milliseconds, before the pipeline's imports (seconds): a bad input is refused at once
-        check_inputs(corpus, transcoders, model)
+        check_inputs(corpus, transcoder_dir, model)
     except INPUT_ERRORS as err:
         fail(err)
     from ingest.pipeline import IngestOptions
@@ -86,7 +87,7 @@ def ingest(
             node_threshold=node_threshold,
             edge_threshold=edge_threshold,
         )
-        options = IngestOptions(corpus=corpus, transcoders=transcoders, model=model, settings=settings,
+        options = IngestOptions(corpus=corpus, transcoders=transcoder_dir, model=model, settings=settings,
                                 workers=workers, scheduler=scheduler, run=run, text_field=text_field,
                                 stats_db=stats_db, runs_root=runs_root, batch_prompts=batch_size, retries=retries,
                                 gpu=gpu)  # fmt: skip

@@ -46,6 +46,7 @@ from atlas.models.identity import model_identity
 from atlas.storage.feature_stats import FeatureStatsStore
 from atlas.storage.neo4j_server import Neo4jConnection
 from atlas.storage.neo4j_writer import GraphWriter
+from atlas.transcoders.hub import resolve_transcoders
 from atlas.transcoders.identity import transcoder_identity
 from ingest.ledger import FAIL_INPUT, FAIL_PROMPT, FAIL_TASK, Ledger
 from ingest.loader import StoreLoader, retrying
@@ -74,7 +75,7 @@ class IngestError(RuntimeError):
 @dataclass
 class IngestOptions:
     corpus: Path
-    transcoders: Path
+    transcoders: Path | str  # a directory, or a published dictionary (`atlas.transcoders.hub`)
     model: str
     settings: AttributionSettings = field(default_factory=AttributionSettings)
     workers: int | None = None  # LocalCluster size (default: sized to the machine); 0: in this process, no Dask
@@ -326,7 +327,7 @@ def run_ingest(
     started = time.perf_counter()
 
     with phase("check"):  # milliseconds, before anything is read at length, started or created
-        transcoder_dir = Path(options.transcoders)
+        transcoder_dir = resolve_transcoders(options.transcoders)  # a path, or a published dictionary's reference
         check_inputs(options.corpus, transcoder_dir, options.model)
     with phase("read"):
         records, issues = read_corpus(options.corpus, text_field=options.text_field)

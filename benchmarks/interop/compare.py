@@ -35,11 +35,20 @@ class Comparison:
     n_tokens: int
 
 
-def compare_with_circuit_tracer(transcoder_dir: Path, inputs: torch.Tensor) -> Comparison:
-    """`inputs (n_layers, n_tokens, d_model)` raw transcoder inputs; encodes them on both sides."""
+def compare_with_circuit_tracer(
+    transcoder_dir: Path, inputs: torch.Tensor, *, hub_ref: str | None = None, hub_cache: Path | None = None
+) -> Comparison:
+    """`inputs (n_layers, n_tokens, d_model)` raw transcoder inputs; encodes them on both sides.
+
+    With `hub_ref`, circuit-tracer loads that reference itself from the Hugging Face cache `hub_cache` (offline),
+    while ours reads `transcoder_dir` (what `atlas.transcoders.hub.resolve_transcoders` made of the reference)."""
     if not CT_PYTHON.exists():
         raise FileNotFoundError(f"circuit-tracer env missing at {CT_PYTHON}: run benchmarks/interop/setup_ct_env.sh")
     ours = load_transcoder(transcoder_dir)
+    source = ["--hub-ref", hub_ref] if hub_ref else ["--transcoders", str(Path(transcoder_dir).resolve())]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if hub_cache is not None:
+        env["HF_HUB_CACHE"] = str(hub_cache)
     with tempfile.TemporaryDirectory() as tmp:
         in_path, out_path = Path(tmp) / "in.safetensors", Path(tmp) / "out.safetensors"
         save_file({f"layer_{i}": inputs[i].contiguous() for i in range(inputs.shape[0])}, str(in_path))
@@ -47,8 +56,7 @@ def compare_with_circuit_tracer(transcoder_dir: Path, inputs: torch.Tensor) -> C
             [
                 str(CT_PYTHON),
                 str(CT_ENCODE),
-                "--transcoders",
-                str(Path(transcoder_dir).resolve()),
+                *source,
                 "--inputs",
                 str(in_path),
                 "--out",
@@ -57,6 +65,7 @@ def compare_with_circuit_tracer(transcoder_dir: Path, inputs: torch.Tensor) -> C
             capture_output=True,
             text=True,
             timeout=600,
+            env=env,
         )
         if run.returncode != 0:
             raise RuntimeError(f"ct_encode.py failed:\n{run.stderr[-3000:]}")

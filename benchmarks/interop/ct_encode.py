@@ -92,7 +92,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--transcoders", required=True, type=Path, help="circuit-tracer transcoder dir")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--transcoders", type=Path, help="circuit-tracer transcoder dir")
+    source.add_argument("--hub-ref", help="a Hugging Face reference (repo[@revision]) read from the HF cache")
     p.add_argument("--inputs", required=True, type=Path, help="safetensors with layer_{i} (n, d)")
     p.add_argument("--out", required=True, type=Path, help="output safetensors path")
     p.add_argument(
@@ -166,6 +168,20 @@ def load(tdir: Path, loader: str, device: torch.device, dtype: torch.dtype):
     return transcoder, kind
 
 
+def load_hub_ref(ref: str, device: torch.device, dtype: torch.dtype):
+    """circuit-tracer's hub route (`load_transcoder_from_hub`) for a reference, from the Hugging Face cache.
+
+    One step is replaced: for configs listing per-layer files (`transcoders:`, GemmaScope), `download_hf_uris`
+    first asks the hub API whether each repo is gated, which no offline cache can answer; here each URI goes through
+    circuit-tracer's own `download_hf_uri` instead. Everything else (config reading, the GemmaScope special loader
+    chosen from the repo name, `load_transcoder_set` / `load_clt`) is circuit-tracer's code."""
+    from circuit_tracer.utils import hf_utils
+
+    hf_utils.download_hf_uris = lambda uris, max_workers=8: {u: hf_utils.download_hf_uri(u) for u in uris}
+    transcoder, config = hf_utils.load_transcoder_from_hub(ref, device=device, dtype=dtype, lazy_decoder=False)
+    return transcoder, config["model_kind"]
+
+
 def _clt_reconstruction(clt, acts: torch.Tensor) -> torch.Tensor:
     """CrossLayerTranscoder.decode, padded to all positions (see module docstring)."""
     n_layers, n_pos, _ = acts.shape
@@ -206,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from here
 
-    transcoder, kind = load(args.transcoders, args.loader, device, dtype)
+    if args.hub_ref:
+        transcoder, kind = load_hub_ref(args.hub_ref, device, dtype)
+    else:
+        transcoder, kind = load(args.transcoders, args.loader, device, dtype)
     n_layers = transcoder.n_layers
     d_model = transcoder.d_model if kind == "cross_layer_transcoder" else transcoder[0].d_model
     inputs = _load_inputs(args.inputs, n_layers, d_model, dtype, device)
