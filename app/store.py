@@ -25,7 +25,17 @@ from neo4j import READ_ACCESS, Driver, unit_of_work
 from app.layout import GraphEdge, GraphNode
 from atlas.storage.feature_stats import FeatureStatsStore
 from atlas.storage.queries import AtlasQueries, LogitPath, Subgraph
+from atlas.transcoders.card import DictionaryCard
 
+# The dictionary card's figures as the ingest stores them on a Transcoder node (`atlas.transcoders.card`).
+_CARD_COLUMNS: LiteralString = """
+    properties(t)['fvu_mean'] AS fvu_mean, properties(t)['l0_mean'] AS l0_mean,
+    properties(t)['dead_fraction'] AS dead_fraction, properties(t)['ce_clean'] AS ce_clean,
+    properties(t)['ce_spliced'] AS ce_spliced, properties(t)['ce_delta'] AS ce_delta,
+    properties(t)['replacement_score'] AS replacement_score, properties(t)['completeness_score'] AS completeness_score,
+    properties(t)['eval_prompts'] AS eval_prompts, properties(t)['eval_tokens'] AS eval_tokens,
+    properties(t)['training_tokens'] AS training_tokens, properties(t)['recipe'] AS recipe
+"""
 _FEATURE_KEY = re.compile(r"^(?P<transcoder>.+)/(?P<layer>\d+)/(?P<feature>\d+)$")
 
 
@@ -118,10 +128,18 @@ class AtlasStore:
             CALL (t) { MATCH (p:Prompt) WHERE p.transcoder = t.id RETURN count(p) AS prompts }
             RETURN t.id AS dictionary, coalesce(t.kind, '') AS kind, models,
                    coalesce(properties(t)['names'], []) AS names, coalesce(properties(t)['sources'], []) AS sources,
-                   coalesce(properties(t)['identity'], 'legacy') AS identity, prompts
+                   coalesce(properties(t)['identity'], 'legacy') AS identity, prompts,
+                   """
+            + _CARD_COLUMNS
+            + """
             ORDER BY dictionary
             """
         )
+
+    def dictionary_card(self, transcoder_id: str) -> DictionaryCard | None:
+        """The card the ingest stored on a dictionary's Transcoder node (None: no such dictionary)."""
+        rows = self.read("MATCH (t:Transcoder {id: $id}) RETURN " + _CARD_COLUMNS, id=transcoder_id)
+        return DictionaryCard.from_dict(rows[0]) if rows else None
 
     def runtime_labels(self, model: str, transcoder: str) -> tuple[list[str], list[str]]:
         """The names a model was loaded by and the directories a dictionary was ingested from (for re-running)."""

@@ -76,6 +76,10 @@ HUB_PRESETS: dict[str, str] = {
     "qwen3-14b": "mwhanna/qwen3-14b-transcoders-lowl0",
 }
 
+# A dictionary whose spliced CE delta (nats lost with every MLP replaced) exceeds this gets a visible warning in the
+# app: at 2 nats (the demo recipe's target in issue 16) most of a graph's influence already flows through error nodes.
+CE_DELTA_WARNING_NATS = 2.0
+
 DEFAULT_FEATURE_INPUT_HOOK = "mlp.hook_in"
 DEFAULT_FEATURE_OUTPUT_HOOK = "mlp.hook_out"
 

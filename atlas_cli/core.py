@@ -213,6 +213,68 @@ def transcoders_eval(
     )
 
 
+def print_card(card: Any, *, title: str = "dictionary card") -> None:
+    """The card as a two-column table, and its warning when it has one."""
+    table = Table("figure", "value", title=title)
+    for name, value in card.to_dict().items():
+        table.add_row(name, "—" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    if (warning := card.warning()) is not None:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+def measure_card(directory: Path, model_name: str, *, sequences: int = 8, context_length: int = 64,
+                 max_feature_nodes: int = 256, write: bool = True) -> Any:  # fmt: skip
+    """Evaluate the dictionary in `directory` on `model_name` (`atlas.attribution.quality`) and merge the figures into
+    its card in atlas.json (`write`); returns the whole card."""
+    from atlas.attribution.quality import evaluate_dictionary
+    from atlas.models import load_model
+    from atlas.training.activations import ActivationStream, StreamConfig
+    from atlas.transcoders import load_transcoder
+    from atlas.transcoders.card import read_card, write_card
+
+    transcoder = load_transcoder(directory)
+    with console.status(f"loading {model_name}…"):
+        loaded = load_model(model_name)
+    stream = ActivationStream(
+        loaded,
+        StreamConfig(corpus="offline", context_length=context_length, eval_sequences=sequences),
+        input_hook=transcoder.spec.input_hook,
+        output_hook=transcoder.spec.output_hook,
+    )
+    measured = evaluate_dictionary(loaded, transcoder, eval_tokens=stream.evaluation_tokens(),
+                                   max_feature_nodes=max_feature_nodes, transcoder_dir=str(directory))  # fmt: skip
+    if write:
+        write_card(directory, measured)
+    return read_card(directory).merged(measured)
+
+
+@transcoders_app.command("card")
+def transcoders_card(
+    source: Annotated[str, typer.Argument(help=TRANSCODERS_HELP)],
+    model: Annotated[str, typer.Option(help="Model the transcoders were trained on.")] = DEFAULT_MODEL,
+    sequences: Annotated[int, typer.Option(min=1, help="Held-out sequences for the spliced CE.")] = 8,
+    context_length: Annotated[int, typer.Option(min=2, help="Tokens per sequence, BOS included.")] = 64,
+    max_feature_nodes: Annotated[int, typer.Option(min=1, help="Feature-node cap of the evaluation graphs.")] = 256,
+    write: Annotated[bool, typer.Option(help="Merge the figures into the directory's atlas.json card.")] = True,
+) -> None:
+    """Measure a dictionary's card: held-out FVU, L0, dead share, spliced CE delta, and the mean replacement and
+    completeness scores of 16 evaluation prompts' graphs; write it beside the weights (a published dictionary's
+    cache is never written)."""
+    from atlas.transcoders.hub import is_hub_ref
+
+    directory = transcoder_directory(source)
+    write = write and not is_hub_ref(source)
+    try:
+        card = measure_card(directory, model, sequences=sequences, context_length=context_length,
+                            max_feature_nodes=max_feature_nodes, write=write)  # fmt: skip
+    except user_errors() as err:
+        fail(err)
+    print_card(card, title=f"dictionary card of {source} on {model}")
+    if write:
+        console.print(f"card written to {directory / 'atlas.json'}")
+
+
 def attribute(
     prompt: Annotated[str, typer.Option(help="Text to attribute (BOS is prepended).")],
     transcoders: Annotated[str, typer.Option(help=TRANSCODERS_HELP)],

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from atlas.config import DEFAULT_MODEL
 from atlas_cli.common import TRANSCODERS_HELP, console, fail, transcoder_directory, unit_fraction, user_errors
-from atlas_cli.core import print_metrics, run_training
+from atlas_cli.core import measure_card, print_card, print_metrics, run_training
 
 
 def _ingest_errors() -> tuple[type[BaseException], ...]:
@@ -134,6 +134,11 @@ def demo(
             print_metrics(result.final_metrics)
             transcoder_dir = result.transcoder_dir
             console.print(f"transcoders saved in circuit-tracer format: {transcoder_dir}")
+        from atlas.transcoders.card import read_card
+
+        if read_card(transcoder_dir).replacement_score is None:  # measured once per dictionary (about 30 s)
+            console.print("measuring the dictionary card (held-out reconstruction, spliced CE, 16 graphs)…")
+            print_card(measure_card(transcoder_dir, DEFAULT_MODEL, max_feature_nodes=max_feature_nodes))
         corpus = demo_subset(out / "demo_corpus.jsonl", prompts)
         report = run_ingest_command(
             IngestOptions(

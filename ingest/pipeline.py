@@ -46,6 +46,7 @@ from atlas.models.identity import model_identity
 from atlas.storage.feature_stats import FeatureStatsStore
 from atlas.storage.neo4j_server import Neo4jConnection
 from atlas.storage.neo4j_writer import GraphWriter
+from atlas.transcoders.card import read_card
 from atlas.transcoders.hub import resolve_transcoders
 from atlas.transcoders.identity import transcoder_identity
 from ingest.ledger import FAIL_INPUT, FAIL_PROMPT, FAIL_TASK, Ledger
@@ -378,7 +379,8 @@ def run_ingest(
                          retry_s=options.neo4j_retry_s, what="model")  # fmt: skip
                 retrying(lambda: writer.register_transcoder(dictionary.id, model=model.key, name=dictionary.name,
                                                             source=dictionary.source, kind=dictionary.kind,
-                                                            config=dictionary.config),
+                                                            config=dictionary.config,
+                                                            card=read_card(transcoder_dir).to_dict()),
                          retry_s=options.neo4j_retry_s, what="transcoder")  # fmt: skip
                 stored = loader.existing(items)
                 if aggregate_hook is not None and stored:  # a run killed between a write and its aggregate update

@@ -27,11 +27,13 @@ from neo4j import Driver
 from streamlit.testing.v1 import AppTest
 
 from atlas.attribution.context import build_context
+from atlas.attribution.quality import evaluate_dictionary
 from atlas.models import LoadedModel
 from atlas.storage.neo4j_server import Neo4jConnection
 from atlas.storage.neo4j_writer import GraphWriter
 from atlas.transcoders import TranscoderSpec, build_transcoder, save_transcoder
 from atlas.transcoders.base import EncoderStack
+from atlas.transcoders.card import DictionaryCard, write_card
 from ingest.pipeline import IngestOptions, run_ingest
 from ingest.settings import AttributionSettings, transcoder_identity
 
@@ -77,6 +79,7 @@ class AtlasFixture:
     tokens: dict[str, list[int]]
     one_hop: PlantedPath
     two_hop: PlantedPath | None
+    card: DictionaryCard
 
     def env(self) -> dict[str, str]:
         return {
@@ -140,6 +143,10 @@ def build_atlas(tmp: Path, model: LoadedModel, connection: Neo4jConnection) -> A
     with torch.no_grad():  # identities are by content: a tag-sized shift keeps this fixture's store its own
         transcoder.b_dec[0, 0] += 1e-6 * (1 + int(tag, 16) % 1000)
     transcoder_dir = save_transcoder(transcoder, tmp / f"apptest-{tag}", model_name=model.info.name)
+    # Its card, measured as `atlas transcoders card` measures one (spliced CE on the first prompt's tokens)
+    card = evaluate_dictionary(model, transcoder, prompts=all_texts, eval_tokens=model.tokenize(all_texts[0]),
+                               max_feature_nodes=None, progress=False)  # fmt: skip
+    write_card(transcoder_dir, card)
     corpus = tmp / "corpus.jsonl"
     corpus.write_text(
         "".join(json.dumps({"text": t, "task": task}) + "\n" for task, texts in PROMPTS.items() for t in texts)
@@ -178,7 +185,7 @@ def build_atlas(tmp: Path, model: LoadedModel, connection: Neo4jConnection) -> A
     return AtlasFixture(
         connection, Path(report.stats_db), transcoder_dir, transcoder_identity(transcoder_dir), model.info.name, run,
         graphs, activations, token_strings, tokens, max(one_hops, key=lambda p: abs(p.weights[0])),
-        max(two_hops, key=lambda p: abs(p.weights[0] * p.weights[1])) if two_hops else None,
+        max(two_hops, key=lambda p: abs(p.weights[0] * p.weights[1])) if two_hops else None, card,
     )  # fmt: skip
 
 
@@ -236,6 +243,15 @@ def test_overview_counts_prompts_and_plots_scores(app_env: AtlasFixture) -> None
     ours = dictionaries[dictionaries["dictionary"] == app_env.transcoder_id]  # listed once, by its weights
     assert len(ours) == 1 and ours.iloc[0]["names"] == app_env.transcoder_dir.name
     assert ours.iloc[0]["sources"] == str(app_env.transcoder_dir) and ours.iloc[0]["identity"] == "weights"
+    # The dictionary's card, as the ingest stored it on its Transcoder node, and its caution when it has one.
+    assert ours.iloc[0]["ce_delta"] == pytest.approx(app_env.card.ce_delta, rel=1e-9)
+    assert ours.iloc[0]["replacement_score"] == pytest.approx(app_env.card.replacement_score, rel=1e-9)
+    assert ours.iloc[0]["fvu_mean"] == pytest.approx(app_env.card.fvu_mean, rel=1e-9)
+    caution = app_env.card.warning(threshold=-1.0)  # any measured delta exceeds a negative threshold
+    assert caution is not None and f"{app_env.card.ce_delta:.2f} nats" in caution
+    shown = [w.value for w in at.warning if app_env.transcoder_id in w.value]
+    expected = app_env.card.warning()
+    assert (shown == []) if expected is None else (len(shown) == 1 and expected in shown[0])
     tasks = at.dataframe[2].value
     assert set(PROMPTS) <= set(tasks["task"])
     charts = [c for c in at.get("plotly_chart")]
@@ -306,6 +322,9 @@ def test_prompt_graph_threshold_detail_and_pins(app_env: AtlasFixture) -> None:
     assert not errors(at), errors(at)
     n_nodes, n_edges = stored.nodes.num_rows, stored.edges.num_rows
     assert at.caption[0].value.startswith(f"{n_nodes} nodes, {n_edges} edges")
+    cautions = [w.value for w in at.warning if w.value.startswith("Dictionary caution")]
+    expected = app_env.card.warning()  # the graph's dictionary card, as on the overview
+    assert (cautions == []) if expected is None else (len(cautions) == 1 and expected in cautions[0])
     assert f"showing {n_nodes} of {n_nodes} nodes" in " ".join(c.value for c in at.caption)
     source_id = app_env.one_hop.node_ids[0]
     picker = at.selectbox(key="node_pick")

@@ -9,6 +9,9 @@ import plotly.express as px
 import streamlit as st
 
 from app.resources import show_error, store
+from atlas.transcoders.card import DictionaryCard
+
+CARD_SHOWN = ["fvu_mean", "l0_mean", "ce_delta", "replacement_score", "training_tokens", "recipe"]
 
 st.title("Atlas overview")
 try:
@@ -35,11 +38,18 @@ left, right = st.columns(2)
 with left:
     st.subheader("Transcoder dictionaries")
     table = pd.DataFrame(
-        dictionaries, columns=["dictionary", "kind", "models", "names", "sources", "identity", "prompts"]
+        dictionaries, columns=["dictionary", "kind", "models", "names", "sources", "identity", "prompts", *CARD_SHOWN]
     )
     for column in ("models", "names", "sources"):
         table[column] = table[column].map(", ".join)
     st.dataframe(table, hide_index=True, key="dictionaries")
+    st.caption(
+        "Dictionary cards: mean FVU and L0 per layer on held-out prompts, the next-token loss added when every MLP is "
+        "replaced (CE Δ, nats), and the mean replacement score of 16 evaluation graphs (`atlas transcoders card`)."
+    )
+    for row in dictionaries:
+        if (caution := DictionaryCard.from_dict(row).warning()) is not None:
+            st.warning(f"`{row['dictionary']}`: {caution}.", icon="⚠️")
     if (table["identity"] == "legacy").any():
         st.warning(
             "Some dictionaries are still keyed by their directory (stored before schema version 5); copies of one "

@@ -44,6 +44,13 @@ st.caption(
     f"replacement {info.get('replacement_score', float('nan')):.3f} · completeness "
     f"{info.get('completeness_score', float('nan')):.3f}"
 )
+try:
+    card = s.dictionary_card(str(info.get("transcoder")))
+except Exception as err:  # the card is a caution, not the page: a failed read only says so
+    show_error(err, "cannot read the dictionary card")
+    card = None
+if card is not None and (caution := card.warning()) is not None:
+    st.warning(f"Dictionary caution: {caution}.", icon="⚠️")
 
 c1, c2 = st.columns(2)
 threshold = c1.slider(

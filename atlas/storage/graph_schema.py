@@ -9,7 +9,11 @@ Global identity nodes (shared by every prompt, MERGEd on their key, never delete
                                                              id = hash of the dictionary's weights and semantic
                                                              config (`atlas.transcoders.identity`, e.g.
                                                              "clt-3fa9c1d2e4b5a6f7"); names / sources: the directory
-                                                             names and paths it was ingested from (labels, not key)
+                                                             names and paths it was ingested from (labels, not key);
+                                                             also its dictionary card's figures when measured
+                                                             (fvu_mean, l0_mean, dead_fraction, ce_clean, ce_spliced,
+                                                             ce_delta, replacement_score, completeness_score,
+                                                             eval_prompts, eval_tokens, training_tokens, recipe)
     (:Feature {key, transcoder, layer, index, h, label?})     key = "{transcoder}/{layer}/{index}" (graph.feature_key)
     (:Token {key, model, id, text, h})                       a vocabulary item; key = "{model}/{id}", because token
                                                              ids are only meaningful within one model's vocabulary

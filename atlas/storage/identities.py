@@ -53,6 +53,7 @@ MERGE (t:Transcoder {id: $id}) ON CREATE SET t.model = $model
 SET t.identity = $identity, t.kind = $kind, t.config = $config,
     t.names = CASE WHEN $name IN coalesce(t.names, []) THEN t.names ELSE coalesce(t.names, []) + $name END,
     t.sources = CASE WHEN $source IN coalesce(t.sources, []) THEN t.sources ELSE coalesce(t.sources, []) + $source END
+SET t += $card
 MERGE (t)-[:FOR]->(m)
 """
 
@@ -97,10 +98,14 @@ def register_transcoder(
     source: str,
     kind: str,
     config: Mapping[str, Any],
+    card: Mapping[str, Any] | None = None,
 ) -> None:
-    """MERGE the Transcoder `transcoder_id` (weights-keyed) and add `name` and `source` to its labels."""
+    """MERGE the Transcoder `transcoder_id` (weights-keyed) and add `name` and `source` to its labels; `card`'s
+    measured figures (`atlas.transcoders.card`) become properties of it (`ce_delta`, `replacement_score`, ...)."""
+    figures = {k: v for k, v in (card or {}).items() if v is not None}
     tx.run(REGISTER_TRANSCODER, id=transcoder_id, model=model, name=name, source=source, kind=kind,
-           config=json.dumps(dict(config), sort_keys=True), identity=IDENTITY_WEIGHTS).consume()  # fmt: skip
+           config=json.dumps(dict(config), sort_keys=True), identity=IDENTITY_WEIGHTS,
+           card=figures).consume()  # fmt: skip
 
 
 def register_model(tx: ManagedTransaction, key: str, *, name: str, source: str, weights: str | None) -> None:

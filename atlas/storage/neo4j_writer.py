@@ -346,9 +346,18 @@ class GraphWriter:
         return version
 
     def register_transcoder(
-        self, transcoder_id: str, *, model: str, name: str, source: str, kind: str, config: Mapping[str, Any]
+        self,
+        transcoder_id: str,
+        *,
+        model: str,
+        name: str,
+        source: str,
+        kind: str,
+        config: Mapping[str, Any],
+        card: Mapping[str, Any] | None = None,
     ) -> None:
-        """MERGE the dictionary's Transcoder (keyed by its weights) and add `name`/`source` to its labels."""
+        """MERGE the dictionary's Transcoder (keyed by its weights), add `name`/`source` to its labels, and set its
+        card's figures as properties."""
         if not self._schema_ready:
             self.ensure_schema()
         with (
@@ -356,7 +365,7 @@ class GraphWriter:
             self.driver.session(database=self.database) as session,
         ):
             session.execute_write(identities.register_transcoder, transcoder_id, model=model, name=name,
-                                  source=source, kind=kind, config=config)  # fmt: skip
+                                  source=source, kind=kind, config=config, card=card)  # fmt: skip
 
     def register_model(self, key: str, *, name: str, source: str, weights: str | None) -> None:
         """MERGE the Model `key` and record the name it was loaded by, its source kind and its weights digest."""

@@ -36,6 +36,7 @@ from atlas.training.activations import ActivationStream, StreamConfig
 from atlas.training.splicing import spliced_cross_entropy
 from atlas.transcoders.activations import ActivationConfig
 from atlas.transcoders.base import EncoderStack, TranscoderKind, TranscoderSpec
+from atlas.transcoders.card import CARD_KEY, card_from_metadata
 from atlas.transcoders.io import build_transcoder, save_transcoder
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,13 @@ class Trainer:
             folded,
             self.out_dir / TRANSCODER_DIR,
             model_name=self.model.info.name,
-            metadata={"training": cfg.to_dict(), "metrics": final},
+            # the card's first figures (fvu/L0 of the last training batch, spliced CE on held-out text);
+            # `atlas transcoders card` measures it again on held-out prompts and adds graph scores
+            metadata={
+                "training": cfg.to_dict(),
+                "metrics": final,
+                CARD_KEY: card_from_metadata({"training": cfg.to_dict(), "metrics": final}).to_dict(),
+            },
         )
         (self.out_dir / FINAL_METRICS).write_text(json.dumps(final, indent=2))
         log.info("phase export done in %.1fs → %s", time.perf_counter() - phase_start, transcoder_dir)
