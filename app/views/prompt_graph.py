@@ -6,8 +6,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from app.label_edits import label_panel
 from app.layout import figure, filter_nodes, neighbours, selected_node, subgraph
-from app.resources import show_error, store
+from app.resources import config, show_error, store
 from app.store import drawable
 
 st.title("Prompt graph")
@@ -92,6 +93,7 @@ if picked is not None:
                  "influence": node.influence, "feature": node.feature_key})  # fmt: skip
         if node.feature_key:
             st.page_link("views/features.py", label="feature dashboard", query_params={"feature": node.feature_key})
+            label_panel(s.driver, config(), node.feature_key, database=s.database, where="graph")
         st.button("Pin this node", key="pin_node", on_click=pin, args=(picked,))
     with right:
         incoming, outgoing = neighbours(edges, picked)
