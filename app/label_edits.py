@@ -54,7 +54,8 @@ def label_panel(driver: Driver, cfg: AppConfig, key: str, *, database: str, wher
         st.success(flash)
     shown = current.label or "(no label)"
     source = "user label" if current.user_label else "automatic label" if current.auto_label else ""
-    st.markdown(f"**Label:** {shown}" + (f" · _{source}_" if source else ""), help=f"feature key `{key}`")
+    score = f" · detection score {current.score:.2f}" if current.score is not None else ""
+    st.markdown(f"**Label:** {shown}" + (f" · _{source}_" if source else "") + score, help=f"feature key `{key}`")
     if current.user_label and current.auto_label:
         st.caption(f"automatic: {current.auto_label}")
     if current.note:

@@ -4,6 +4,7 @@
     atlas labels import labels.json                               # the dictionary named in the file must be stored
     atlas labels import np.json --dictionary clt-… --neuronpedia-model gemma-2-2b --neuronpedia-source clt-hp
     atlas labels show clt-3fa9c1d2e4b5a6f7/9/23
+    atlas labels explain --feature clt-…/9/23 --url http://localhost:8000/v1 --model qwen2.5-7b   # optional explainer
 
 Every write goes through `atlas.storage.labels.write_user_labels` (one transaction: a bad entry or an unknown
 feature writes nothing). Neo4j comes from `NEO4J_URI` (+ user, password), else the running managed server.
@@ -120,6 +121,40 @@ def show(key: Annotated[str, typer.Argument(help="Feature key DICTIONARY/LAYER/I
         table.add_row(str(rev.seq), rev.at.isoformat(timespec="seconds"), rev.author or "", rev.label or "(cleared)",
                       rev.note or "", rev.source)  # fmt: skip
     out.print(table)
+
+
+@labels_app.command("explain")
+def explain(
+    feature: Annotated[list[str], typer.Option("--feature", help="Feature key DICTIONARY/LAYER/INDEX (repeatable).")],
+    url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (default: $ATLAS_EXPLAINER_URL).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model to ask (default: $ATLAS_EXPLAINER_MODEL).")] = None,
+    stats_db: Annotated[Path | None, typer.Option(help="DuckDB statistics (default: the managed store's).")] = None,
+) -> None:
+    """Explain features with a configured OpenAI-compatible endpoint and score each explanation by detection on
+    held-out examples; the labels are stored (with the score) only when every feature succeeded."""
+    import os
+
+    from atlas.config import stats_db_path
+    from atlas.storage.explainer import ENV_MODEL, ENV_URL, ExplainerConfig, ExplainerError, explain_features, summary
+    from atlas.storage.feature_stats import FeatureStatsStore, StatsError
+    from atlas.storage.labels import LabelError
+
+    env = {**os.environ, **({ENV_URL: url} if url else {}), **({ENV_MODEL: model} if model else {})}
+    try:
+        cfg = ExplainerConfig.from_env(env)
+        if cfg is None:
+            raise ExplainerError(f"no explainer configured: pass --url and --model (or set {ENV_URL}, {ENV_MODEL})")
+    except ExplainerError as err:
+        fail(err)
+    driver, database = _driver()
+    try:
+        results = explain_features(driver, FeatureStatsStore(stats_db or stats_db_path()), cfg, feature,
+                                   database=database)  # fmt: skip
+    except (ExplainerError, LabelError, StatsError) as err:
+        fail(err)
+    finally:
+        driver.close()
+    typer.echo(json.dumps(summary(results), indent=2, ensure_ascii=False))
 
 
 def register(app: typer.Typer) -> None:

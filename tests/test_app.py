@@ -358,6 +358,15 @@ def test_labels_set_on_the_features_page_appear_everywhere(app_env: AtlasFixture
     at.text_input(key="feature_search").input(name.upper()).run()  # search by label, case-blind
     assert list(frames(at, "matched on")[0]["key"]) == [key]
 
+    linked = AppTest.from_file(str(APP), default_timeout=120)
+    linked.query_params["prompt"] = path.prompt_id
+    linked.query_params["node"] = path.node_ids[0]
+    linked.run().switch_page("views/prompt_graph.py").run()
+    assert not errors(linked), errors(linked)
+    node_index = next(r["node_index"] for r in app_env.graphs[path.prompt_id].nodes.to_pylist()
+                      if r["node_id"] == path.node_ids[0])  # fmt: skip
+    assert linked.selectbox(key="node_pick").value == node_index  # ?node= opens that node's detail and label
+    assert any(m.value.startswith(f"**Label:** {name}") for m in linked.markdown)
     graph = app_test("views/prompt_graph.py")
     graph.selectbox(key="prompt_pick").select(path.prompt_id).run()
     picker = graph.selectbox(key="node_pick")

@@ -295,3 +295,104 @@ def test_identity_merge_keeps_user_labels_and_history(
         assert orphans == 0
     finally:
         _wipe(neo4j_driver, [copy, new_id], f"lmodel-{tag}")
+
+
+class _Endpoint:
+    """A loopback OpenAI-compatible chat endpoint with fixed rules: explains every feature as "Texas cities" and, as
+    a judge, says 1 for texts naming a Texas city (or for every text when `always_yes`)."""
+
+    def __init__(self, *, always_yes: bool = False, garbage: bool = False) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.requests: list[dict[str, object]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+                if "explain" in system:
+                    answer = "Texas cities."
+                else:
+                    texts = user.split("Texts:\n", 1)[1].splitlines()
+                    votes = [1 if always_yes or "Dallas" in t or "Houston" in t else 0 for t in texts]
+                    answer = "maybe" if garbage else json.dumps(votes)
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_explainer_scores_by_detection_and_writes_nothing_on_failure(
+    tmp_path: Path, store: tuple[str, GraphWriter], neo4j_driver: Driver
+) -> None:
+    from atlas.storage.explainer import ExplainerConfig, ExplainerError, explain_features
+    from atlas.storage.neo4j_server import free_loopback_port
+
+    transcoder, _ = store
+    city = feature_key(transcoder, *CITY)
+    shard = FeatureStatsShard(transcoder, N_LAYERS, N_FEATURES)
+    for i, name in enumerate([" Dallas", " Houston", " Dallas", " Houston", " Dallas", " Houston"]):
+        tokens = ["<s>", " I", " live", " in", name, " now", " and", " the", " sky", " is", " blue"]
+        acts = torch.zeros(N_LAYERS, len(tokens), N_FEATURES)
+        acts[CITY[0], 4, CITY[1]] = 3.0 - 0.1 * i  # the city feature on the city
+        acts[0, 8, 0] = 1.0 + i  # another feature on " sky"; in the city's prompts, so never a negative
+        shard.add(f"p{i}", tokens, acts)
+    for i in range(4):  # prompts without a city: the other feature's examples there are the negatives
+        tokens = ["<s>", " The", " sky", " over", " the", " sea", " is", " grey"]
+        acts = torch.zeros(N_LAYERS, len(tokens), N_FEATURES)
+        acts[0, 2, 0] = 10.0 + i
+        shard.add(f"q{i}", tokens, acts)
+    stats = FeatureStatsStore(tmp_path / "stats.duckdb")
+    stats.ingest([shard.write(tmp_path / "shards")])
+
+    endpoint = _Endpoint()
+    try:
+        cfg = ExplainerConfig(endpoint.url, "fake-judge")
+        (result,) = explain_features(neo4j_driver, stats, cfg, [city])
+        assert (result.label, result.n_positive, result.n_negative) == ("Texas cities", 3, 3)
+        assert result.score == 1.0  # a judge that follows the explanation separates them perfectly
+        shown = endpoint.requests[0]["messages"][1]["content"]  # type: ignore[index]
+        assert "<< Dallas>>" in shown and "Houston" not in shown  # ranks 0, 2, 4 shown; 1, 3, 5 (Houston) held out
+    finally:
+        endpoint.close()
+    stored = feature_label(neo4j_driver, city)
+    assert (stored.label, stored.author, stored.score) == ("Texas cities", "explainer:fake-judge", 1.0)
+    assert label_history(neo4j_driver, city)[0].source == "explainer"
+
+    yes = _Endpoint(always_yes=True)  # says yes to everything: chance level
+    try:
+        (blind,) = explain_features(neo4j_driver, stats, ExplainerConfig(yes.url, "yes-man"), [city])
+        assert blind.score == 0.5
+    finally:
+        yes.close()
+
+    before = (feature_label(neo4j_driver, city), label_history(neo4j_driver, city))
+    garbage = _Endpoint(garbage=True)
+    try:
+        with pytest.raises(ExplainerError, match="not a JSON list"):
+            explain_features(neo4j_driver, stats, ExplainerConfig(garbage.url, "g"), [city])
+    finally:
+        garbage.close()
+    dead = f"http://127.0.0.1:{free_loopback_port()}/v1"
+    with pytest.raises(ExplainerError, match="unreachable"):
+        explain_features(neo4j_driver, stats, ExplainerConfig(dead, "m", timeout_s=5), [city])
+    assert (feature_label(neo4j_driver, city), label_history(neo4j_driver, city)) == before
+    assert ExplainerConfig.from_env({}) is None  # off by default
+    with pytest.raises(ExplainerError, match="ATLAS_EXPLAINER_MODEL"):
+        ExplainerConfig.from_env({"ATLAS_EXPLAINER_URL": "http://x"})

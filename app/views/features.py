@@ -42,9 +42,7 @@ if text.strip():
     st.caption(f"{len(found.rows)} feature(s) found in {found.elapsed_ms:.0f} ms")
     st.dataframe(table, hide_index=True, key="feature_results")
     keys = [m.key for m in found.rows]
-    names = {m.key: f"{m.label} · {m.key}" if m.label else m.key for m in found.rows}
-    key = st.selectbox("Feature", keys, index=keys.index(initial) if initial in keys else 0, key="feature_pick",
-                       format_func=names.__getitem__)  # fmt: skip
+    key = st.selectbox("Feature", keys, index=keys.index(initial) if initial in keys else 0, key="feature_pick")
 else:
     st.info("Type a feature key, a label, or a token (a feature's top logit effect or top activating token).")
     st.stop()

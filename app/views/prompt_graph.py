@@ -1,5 +1,6 @@
 """Prompt graph page: one prompt's layered attribution graph (tokens bottom, layers up, logits top), a node
-threshold, click (or pick) a node for its detail, pin nodes into a subgraph, send features to Interventions."""
+threshold, click (or pick, or link with `?node=<node id>`) a node for its detail and its label, pin nodes into a
+subgraph, send features to Interventions."""
 
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ clicked = selected_node(event)
 options = [n.index for n in shown_nodes]
 if clicked is not None and clicked in options:
     st.session_state["node_pick"] = clicked
+elif "node_pick" not in st.session_state and (linked := st.query_params.get("node")):  # ?node=<node id> deep link
+    st.session_state["node_pick"] = next((n.index for n in shown_nodes if n.node_id == linked), None)
 if st.session_state.get("node_pick") not in options:
     st.session_state.pop("node_pick", None)
 

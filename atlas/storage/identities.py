@@ -211,6 +211,7 @@ CALL (f, g) {
       g.user_note = CASE WHEN newer THEN f.user_note ELSE g.user_note END,
       g.label_author = CASE WHEN newer THEN f.label_author ELSE g.label_author END,
       g.label_updated_at = CASE WHEN newer THEN f.label_updated_at ELSE g.label_updated_at END,
+      g.label_score = CASE WHEN newer THEN f.label_score ELSE g.label_score END,
       g.auto_label = coalesce(g.auto_label, f.auto_label)
   SET g.label = coalesce(g.user_label, g.auto_label, g.label, f.label)
   DETACH DELETE f

@@ -4,7 +4,8 @@ JSON import/export. This is the only module that writes labels; everything else 
 On a `(:Feature)`:
 
     auto_label          the automatic label (`atlas.storage.auto_labels`), copied from DuckDB's `feature_labels`
-    user_label          a person's label (None when cleared); user_note, label_author, label_updated_at beside it
+    user_label          a person's label (None when cleared); user_note, label_author, label_updated_at beside it,
+                        and label_score when the label came from the explainer (`atlas.storage.explainer`)
     label               what every reader shows: user_label when set, else auto_label (kept equal to
                         coalesce(user_label, auto_label) by the two writes below, and indexed for search)
 
@@ -61,6 +62,7 @@ class LabelEdit:
     note: str | None = None
     author: str | None = None
     at: datetime | None = None  # when it was written (an import keeps the exported time); None: now
+    score: float | None = None  # the explainer's detection score of this label (0..1); None for people's labels
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class FeatureLabel:
     note: str | None
     author: str | None
     updated_at: datetime | None
+    score: float | None = None  # detection score when the label came from the explainer
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class Revision:
     author: str | None
     at: datetime
     source: str
+    score: float | None = None
 
 
 # -- validation --------------------------------------------------------------------------------------------------
@@ -118,6 +122,8 @@ def _rows(edits: Sequence[LabelEdit], source: str, now: datetime) -> list[dict[s
         if edit.key in seen:
             raise LabelError(f"feature {edit.key} is labelled twice in one write")
         seen.add(edit.key)
+        if edit.score is not None and not (isinstance(edit.score, int | float) and 0.0 <= edit.score <= 1.0):
+            raise LabelError(f"score of {edit.key} must be a number in [0, 1], got {edit.score!r}")
         rows.append(
             {
                 "key": edit.key,
@@ -126,6 +132,7 @@ def _rows(edits: Sequence[LabelEdit], source: str, now: datetime) -> list[dict[s
                 "author": validate_text(edit.author, what="author name", limit=MAX_AUTHOR_CHARS),
                 "at": edit.at or now,
                 "source": source,
+                "score": None if edit.score is None else float(edit.score),
             }
         )
     return rows
@@ -145,9 +152,9 @@ UNWIND $rows AS row
 MATCH (f:Feature {key: row.key})
 CALL (f) { OPTIONAL MATCH (r:LabelRevision)-[:REVISES]->(f) RETURN coalesce(max(r.seq), 0) AS last }
 CREATE (rev:LabelRevision {seq: last + 1, label: row.label, note: row.note, author: row.author, at: row.at,
-                           source: row.source})-[:REVISES]->(f)
+                           source: row.source, score: row.score})-[:REVISES]->(f)
 SET f.user_label = row.label, f.user_note = row.note, f.label_author = row.author, f.label_updated_at = row.at,
-    f.label = coalesce(row.label, f.auto_label)
+    f.label_score = row.score, f.label = coalesce(row.label, f.auto_label)
 RETURN count(f) AS n
 """
 
@@ -190,6 +197,7 @@ def _feature_label(record: Mapping[str, Any]) -> FeatureLabel:
         key=record["key"], transcoder=record["transcoder"], layer=int(record["layer"]), index=int(record["index"]),
         label=p.get("label"), auto_label=p.get("auto_label"), user_label=p.get("user_label"), note=p.get("user_note"),
         author=p.get("label_author"), updated_at=updated.to_native() if hasattr(updated, "to_native") else updated,
+        score=p.get("label_score"),
     )  # fmt: skip
 
 
@@ -210,7 +218,7 @@ def label_history(driver: Driver, key: str, *, database: str = "neo4j") -> list[
     ).records
     return [
         Revision(int(r["r"]["seq"]), r["r"].get("label"), r["r"].get("note"), r["r"].get("author"),
-                 r["r"]["at"].to_native(), str(r["r"].get("source", "")))
+                 r["r"]["at"].to_native(), str(r["r"].get("source", "")), r["r"].get("score"))
         for r in records
     ]  # fmt: skip
 
