@@ -4,15 +4,20 @@
 `ATLAS_READ_ONLY=1`), else writes through `atlas.storage.labels.write_user_labels` (one parameterised statement in
 one transaction; validation and unknown features raise `LabelError` with nothing written), with the author of the
 app's settings. `label_panel` is the Streamlit widget the Features page and the prompt graph's node detail share:
-the shown label (user, else automatic), who wrote it and when, the history, and, unless read-only, the edit fields.
+the shown label (user, else automatic), who wrote it and when, the history, and, unless read-only, the edit fields
+(plus an "Explain" button when an OpenAI-compatible explainer is configured, `atlas.storage.explainer`).
 Nothing here runs user text as Cypher; the console stays read-only whatever this module does.
 """
 
 from __future__ import annotations
 
+import os
+
 from neo4j import Driver
 
 from app.config import AppConfig
+from atlas.storage.explainer import ExplainerConfig, ExplainerError, explain_features
+from atlas.storage.feature_stats import FeatureStatsStore
 from atlas.storage.labels import (
     MAX_LABEL_CHARS,
     MAX_NOTE_CHARS,
@@ -22,6 +27,14 @@ from atlas.storage.labels import (
     label_history,
     write_user_labels,
 )
+
+
+def _explainer() -> ExplainerConfig | None:
+    """The explainer of the environment (`ATLAS_EXPLAINER_URL`, `ATLAS_EXPLAINER_MODEL`), None when off or unusable."""
+    try:
+        return ExplainerConfig.from_env(os.environ)
+    except ExplainerError:
+        return None
 
 
 class ReadOnlyError(RuntimeError):
@@ -77,6 +90,17 @@ def label_panel(driver: Driver, cfg: AppConfig, key: str, *, database: str, wher
             action = (label, note)
         if clear.button("Clear label", key=f"{where}_label_clear"):
             action = (None, None)
+        explainer = _explainer()
+        if explainer is not None and st.button(f"Explain with {explainer.model}", key=f"{where}_label_explain",
+                                               help=f"asks {explainer.base_url} (ATLAS_EXPLAINER_URL)"):  # fmt: skip
+            try:
+                (result,) = explain_features(driver, FeatureStatsStore(cfg.stats_db), explainer, [key],
+                                             database=database)  # fmt: skip
+            except Exception as err:
+                show_error(err, "explainer failed; nothing was written")
+            else:
+                st.session_state[f"{where}_label_flash"] = f"explained: {result.label} (detection {result.score:.2f})"
+                st.rerun()
         if action is not None:
             try:
                 after = save_label(driver, cfg, key, *action, database=database)

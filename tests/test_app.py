@@ -397,6 +397,32 @@ def test_labels_set_on_the_features_page_appear_everywhere(app_env: AtlasFixture
         (None, "tester"), (renamed, "tester"), (name, "tester")]  # fmt: skip
 
 
+def test_explain_button_labels_a_feature_with_its_score(app_env: AtlasFixture, neo4j_driver: Driver,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from test_labels import ChatEndpoint
+
+    from atlas.storage.labels import LabelEdit, feature_label, label_history, write_user_labels
+
+    key = app_env.one_hop.source_key
+    endpoint = ChatEndpoint()
+    try:
+        monkeypatch.setenv("ATLAS_EXPLAINER_URL", endpoint.url)
+        monkeypatch.setenv("ATLAS_EXPLAINER_MODEL", "loopback-judge")
+        at = app_test("views/features.py")
+        at.text_input(key="feature_search").input(key).run()
+        at.button(key="features_label_explain").click().run()
+        assert not errors(at), errors(at)
+    finally:
+        endpoint.close()
+    assert any(s.value.startswith("explained: Texas cities (detection ") for s in at.success)
+    stored = feature_label(neo4j_driver, key)
+    assert stored.label == "Texas cities" and stored.author == "explainer:loopback-judge"
+    assert stored.score is not None and 0.0 <= stored.score <= 1.0
+    assert any(f"detection score {stored.score:.2f}" in m.value for m in at.markdown)
+    assert label_history(neo4j_driver, key)[0].source == "explainer"
+    write_user_labels(neo4j_driver, [LabelEdit(key, None)])  # back to the automatic label for the other tests
+
+
 def test_read_only_app_refuses_label_edits(app_env: AtlasFixture, neo4j_driver: Driver,
                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from app.config import load_config

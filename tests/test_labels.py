@@ -297,7 +297,7 @@ def test_identity_merge_keeps_user_labels_and_history(
         _wipe(neo4j_driver, [copy, new_id], f"lmodel-{tag}")
 
 
-class _Endpoint:
+class ChatEndpoint:
     """A loopback OpenAI-compatible chat endpoint with fixed rules: explains every feature as "Texas cities" and, as
     a judge, says 1 for texts naming a Texas city (or for every text when `always_yes`)."""
 
@@ -361,7 +361,7 @@ def test_explainer_scores_by_detection_and_writes_nothing_on_failure(
     stats = FeatureStatsStore(tmp_path / "stats.duckdb")
     stats.ingest([shard.write(tmp_path / "shards")])
 
-    endpoint = _Endpoint()
+    endpoint = ChatEndpoint()
     try:
         cfg = ExplainerConfig(endpoint.url, "fake-judge")
         (result,) = explain_features(neo4j_driver, stats, cfg, [city])
@@ -375,7 +375,7 @@ def test_explainer_scores_by_detection_and_writes_nothing_on_failure(
     assert (stored.label, stored.author, stored.score) == ("Texas cities", "explainer:fake-judge", 1.0)
     assert label_history(neo4j_driver, city)[0].source == "explainer"
 
-    yes = _Endpoint(always_yes=True)  # says yes to everything: chance level
+    yes = ChatEndpoint(always_yes=True)  # says yes to everything: chance level
     try:
         (blind,) = explain_features(neo4j_driver, stats, ExplainerConfig(yes.url, "yes-man"), [city])
         assert blind.score == 0.5
@@ -383,7 +383,7 @@ def test_explainer_scores_by_detection_and_writes_nothing_on_failure(
         yes.close()
 
     before = (feature_label(neo4j_driver, city), label_history(neo4j_driver, city))
-    garbage = _Endpoint(garbage=True)
+    garbage = ChatEndpoint(garbage=True)
     try:
         with pytest.raises(ExplainerError, match="not a JSON list"):
             explain_features(neo4j_driver, stats, ExplainerConfig(garbage.url, "g"), [city])
