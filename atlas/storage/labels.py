@@ -147,14 +147,17 @@ WITH k, f WHERE f IS NULL
 RETURN collect(k) AS missing
 """
 
+# The SET comes first: it write-locks the Feature, so a concurrent edit of the same feature waits and then numbers
+# its revision after this one.
 _WRITE_USER_LABELS: LiteralString = """
 UNWIND $rows AS row
 MATCH (f:Feature {key: row.key})
+SET f.user_label = row.label, f.user_note = row.note, f.label_author = row.author, f.label_updated_at = row.at,
+    f.label_score = row.score, f.label = coalesce(row.label, f.auto_label)
+WITH f, row
 CALL (f) { OPTIONAL MATCH (r:LabelRevision)-[:REVISES]->(f) RETURN coalesce(max(r.seq), 0) AS last }
 CREATE (rev:LabelRevision {seq: last + 1, label: row.label, note: row.note, author: row.author, at: row.at,
                            source: row.source, score: row.score})-[:REVISES]->(f)
-SET f.user_label = row.label, f.user_note = row.note, f.label_author = row.author, f.label_updated_at = row.at,
-    f.label_score = row.score, f.label = coalesce(row.label, f.auto_label)
 RETURN count(f) AS n
 """
 
@@ -210,9 +213,10 @@ def feature_label(driver: Driver, key: str, *, database: str = "neo4j") -> Featu
 
 
 def label_history(driver: Driver, key: str, *, database: str = "neo4j") -> list[Revision]:
-    """Every user write of a feature's label, newest first."""
+    """Every user write of a feature's label, newest first (by time, then by sequence number)."""
     records = driver.execute_query(
-        "MATCH (r:LabelRevision)-[:REVISES]->(:Feature {key: $key}) RETURN properties(r) AS r ORDER BY r.seq DESC",
+        "MATCH (r:LabelRevision)-[:REVISES]->(:Feature {key: $key}) RETURN properties(r) AS r "
+        "ORDER BY r.at DESC, r.seq DESC",
         key=key,
         database_=database,
     ).records
