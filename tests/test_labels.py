@@ -393,6 +393,10 @@ def test_explainer_scores_by_detection_and_writes_nothing_on_failure(
     with pytest.raises(ExplainerError, match="unreachable"):
         explain_features(neo4j_driver, stats, ExplainerConfig(dead, "m", timeout_s=5), [city])
     assert (feature_label(neo4j_driver, city), label_history(neo4j_driver, city)) == before
+    with pytest.raises(ExplainerError, match="not a feature key"):
+        explain_features(neo4j_driver, stats, ExplainerConfig(dead, "m"), ["nonsense"])
+    with pytest.raises(ExplainerError, match="0 stored example"):
+        explain_features(neo4j_driver, stats, ExplainerConfig(dead, "m"), [feature_key(transcoder, 2, 7)])
     assert ExplainerConfig.from_env({}) is None  # off by default
     with pytest.raises(ExplainerError, match="ATLAS_EXPLAINER_MODEL"):
         ExplainerConfig.from_env({"ATLAS_EXPLAINER_URL": "http://x"})

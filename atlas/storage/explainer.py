@@ -194,8 +194,10 @@ def explain_features(
     """Explain and score each feature, then store all labels in one transaction (nothing on any failure)."""
     results = []
     for key in keys:
-        transcoder, layer, feature = key.rsplit("/", 2)
-        own, others = _examples(stats, transcoder, int(layer), int(feature))
+        match = re.fullmatch(r"(.+)/(\d+)/(\d+)", key)
+        if match is None:
+            raise ExplainerError(f"{key!r} is not a feature key (expected DICTIONARY/LAYER/INDEX)")
+        own, others = _examples(stats, match[1], int(match[2]), int(match[3]))
         results.append(explain_one(cfg, key, own, others))
     edits = [LabelEdit(r.key, r.label, None, f"explainer:{cfg.model}", score=r.score) for r in results]
     write_user_labels(driver, edits, database=database, source="explainer")
