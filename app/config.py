@@ -7,6 +7,13 @@ Settings come from environment variables (set by `atlas app` from its flags, or 
     ATLAS_MODEL, ATLAS_TRANSCODERS                                          model + transcoders for interventions
     ATLAS_QUERY_TIMEOUT_S, ATLAS_ROW_CAP, ATLAS_CONSOLE_MAX_MB             Cypher console limits
     ATLAS_CONSOLE_NEO4J_USER, ATLAS_CONSOLE_NEO4J_PASSWORD                  a read-only user for the console
+    ATLAS_READ_ONLY                                                         1/true: no label edits (`--read-only`)
+    ATLAS_LABEL_AUTHOR                                                      author name recorded with label edits
+
+Label edits (`atlas.storage.labels.write_user_labels`, the app's only write) are on by default: `atlas app` is a
+researcher's own tool on their own store, and naming features is part of reading it. A shared deployment turns them
+off with `--read-only` / `ATLAS_READ_ONLY=1` (docker compose's app service does), so that readers cannot change what
+others see.
 
 The console connects as `ATLAS_CONSOLE_NEO4J_USER` when it is set (a user the server restricts to reading: Enterprise
 or Aura roles, or a user-supplied server); otherwise it shares the app's connection, which on the managed Community
@@ -36,6 +43,8 @@ ENV_ROW_CAP = "ATLAS_ROW_CAP"
 ENV_CONSOLE_MAX_MB = "ATLAS_CONSOLE_MAX_MB"
 ENV_CONSOLE_USER = "ATLAS_CONSOLE_NEO4J_USER"
 ENV_CONSOLE_PASSWORD = "ATLAS_CONSOLE_NEO4J_PASSWORD"
+ENV_READ_ONLY = "ATLAS_READ_ONLY"
+ENV_LABEL_AUTHOR = "ATLAS_LABEL_AUTHOR"
 
 DEFAULT_QUERY_TIMEOUT_S = 15.0
 DEFAULT_ROW_CAP = 1000
@@ -68,6 +77,8 @@ class AppConfig:
     console_max_mb: float = DEFAULT_CONSOLE_MAX_MB  # bytes of one console result; a single value may use a quarter
     console_user: str | None = None  # None: the console shares the app's connection
     console_password: str = ""
+    read_only: bool = False  # True: label edits are off (a shared deployment)
+    label_author: str | None = None  # recorded with label edits
 
 
 def _positive(environ: Mapping[str, str], name: str, default: float) -> float:
@@ -81,6 +92,15 @@ def _positive(environ: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise ConfigError(f"{name}={raw!r} must be positive")
     return value
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={raw!r}: expected 1/true/yes/on or 0/false/no/off")
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> AppConfig:
@@ -103,6 +123,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> AppConfig:
         console_max_mb=_positive(env, ENV_CONSOLE_MAX_MB, DEFAULT_CONSOLE_MAX_MB),
         console_user=(env.get(ENV_CONSOLE_USER) or "").strip() or None,
         console_password=env.get(ENV_CONSOLE_PASSWORD, ""),
+        read_only=_flag(env, ENV_READ_ONLY),
+        label_author=(env.get(ENV_LABEL_AUTHOR) or "").strip() or None,
     )
 
 
@@ -112,6 +134,8 @@ def environment_for(
     stats_db: Path | None = None,
     model: str | None = None,
     transcoders: Path | None = None,
+    read_only: bool = False,
+    label_author: str | None = None,
 ) -> dict[str, str]:
     """Environment variables that make `load_config` return these settings (for `atlas app` and tests)."""
     out: dict[str, str] = {}
@@ -123,4 +147,8 @@ def environment_for(
         out[ENV_MODEL] = model
     if transcoders is not None:
         out[ENV_TRANSCODERS] = str(transcoders)
+    if read_only:
+        out[ENV_READ_ONLY] = "1"
+    if label_author:
+        out[ENV_LABEL_AUTHOR] = label_author
     return out

@@ -13,6 +13,7 @@ renders offline (plotly.js ships inside Streamlit's frontend; nothing is fetched
 
 from __future__ import annotations
 
+import html
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -240,6 +241,8 @@ def figure(
 
 def _hover(node: GraphNode) -> str:
     parts = [f"<b>{node.node_id}</b> ({node.kind})", f"position {node.position}"]
+    if node.feature_key and node.label and node.label != node.feature_key:
+        parts.insert(0, f"<b>{html.escape(node.label)}</b>")  # the feature's label first, its key below
     if node.feature_key:
         parts.append(f"feature {node.feature_key}")
     if node.value is not None:

@@ -117,6 +117,15 @@ def probability_changes(
     return sorted(rows, key=lambda r: -max(r.before, r.after))
 
 
+def _step_label(node: Any) -> str:
+    """A path step by its label: features by their label (else the node id), tokens and logits by their text."""
+    if node.kind == "feature":
+        return str(node.text or node.node_id)
+    if node.kind in ("token", "logit"):
+        return repr(node.text)
+    return str(node.node_id)
+
+
 def path_rows(paths: Sequence[Any]) -> list[dict[str, Any]]:
     """Ranked table rows of `LogitPath`s (rank 1 = strongest, the order the query returns)."""
     return [
@@ -124,11 +133,13 @@ def path_rows(paths: Sequence[Any]) -> list[dict[str, Any]]:
             "rank": rank,
             "prompt": path.prompt_id,
             "source": path.source_key,
+            "source label": next((n.text for n in path.nodes if n.kind == "feature"), None),
             "target": path.target_text,
             "hops": path.hops,
             "strength": path.strength,
             "bottleneck": path.bottleneck,
             "path": " → ".join(n.node_id for n in path.nodes),
+            "path labels": " → ".join(_step_label(n) for n in path.nodes),
         }
         for rank, path in enumerate(paths, start=1)
     ]
@@ -166,9 +177,10 @@ def merged_path_graph(paths: Sequence[Any]) -> tuple[list[GraphNode], list[Graph
             key = f"{n.kind}:{n.layer if n.kind == 'error' else name}"
             keys.append(key)
             if key not in nodes:
+                shown = (n.text or name) if n.kind == "feature" else name  # a feature by its label when it has one
                 nodes[key] = GraphNode(
                     len(nodes), n.node_id, n.kind, n.layer, int(n.position or 0),
-                    str(name) if n.kind != "error" else f"error L{n.layer}",
+                    str(shown) if n.kind != "error" else f"error L{n.layer}",
                     feature_key=n.key if n.kind == "feature" else None,
                 )  # fmt: skip
         for a, b, weight in zip(keys, keys[1:], path.weights, strict=False):

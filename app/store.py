@@ -253,7 +253,7 @@ def path_graph(path: LogitPath) -> tuple[list[GraphNode], list[GraphEdge]]:
     """One path's nodes (instance indices of its prompt) and edges, for drawing on its own."""
     nodes = [
         GraphNode(n.node_index, n.node_id, n.kind, n.layer, int(n.position or 0),
-                  str(n.key if n.kind == "feature" else n.text), n.activation,
+                  str((n.text or n.key) if n.kind == "feature" else n.text), n.activation,
                   feature_key=n.key if n.kind == "feature" else None)
         for n in path.nodes
     ]  # fmt: skip

@@ -21,6 +21,10 @@ def app_command(
     stats_db: Annotated[Path | None, typer.Option(help="DuckDB feature statistics (default: managed store).")] = None,
     model: Annotated[str | None, typer.Option(help="Model for interventions (default: each prompt's model).")] = None,
     transcoders: Annotated[str | None, typer.Option(help="Transcoders for interventions: " + TRANSCODERS_HELP)] = None,
+    read_only: Annotated[
+        bool, typer.Option("--read-only", help="No label edits (for a shared deployment; default: edits on).")
+    ] = False,
+    author: Annotated[str | None, typer.Option(help="Author name recorded with label edits.")] = None,
 ) -> None:
     """Open the Streamlit atlas app: overview, features, prompt graphs, paths, Cypher console, interventions."""
     import importlib.util
@@ -29,7 +33,8 @@ def app_command(
     from app.config import ConfigError, environment_for, load_config
 
     transcoder_dir = None if transcoders is None else transcoder_directory(transcoders)
-    settings = environment_for(neo4j_uri=neo4j_uri, stats_db=stats_db, model=model, transcoders=transcoder_dir)
+    settings = environment_for(neo4j_uri=neo4j_uri, stats_db=stats_db, model=model, transcoders=transcoder_dir,
+                               read_only=read_only, label_author=author)  # fmt: skip
     env = {**os.environ, **settings}
     try:
         load_config(env)

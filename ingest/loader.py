@@ -7,8 +7,9 @@ one transaction per prompt while a `BackgroundAggregator` adds the committed one
 adds any the aggregator could not, e.g. after a crash or a restart of Neo4j), and queues the shard's
 statistics (none for a shard whose every prompt failed: nothing of it is registered); `flush_stats()` merges queued
 statistics shards into DuckDB in one snapshot (`FeatureStatsStore` skips shards it has already merged, so reruns
-never double count). Neo4j being unreachable (a restart) is waited out:
-writes are retried with back-off for up to `retry_s` seconds.
+never double count) and copies the recomputed automatic labels onto the stored Features
+(`labels.push_auto_labels`). Neo4j being unreachable (a restart) is waited out: writes are retried with back-off
+for up to `retry_s` seconds.
 This module never computes graphs and never opens DuckDB except through `FeatureStatsStore`.
 """
 
@@ -28,6 +29,7 @@ from neo4j.exceptions import ServiceUnavailable, SessionExpired, TransientError
 
 from atlas.storage.aggregate import AggregateBacklogError, BackgroundAggregator
 from atlas.storage.feature_stats import FeatureStatsStore
+from atlas.storage.labels import push_auto_labels
 from atlas.storage.neo4j_writer import GraphWriter
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class StoreLoader:
         self.retries = 0
         self.neo4j_seconds = 0.0
         self.stats_seconds = 0.0
+        self.labels_changed = 0
         self._pending: list[Path] = []
         self._last_flush = time.monotonic()
 
@@ -157,7 +160,8 @@ class StoreLoader:
                          self.retries - retries_before)  # fmt: skip
 
     def flush_stats(self, *, logit_effects: Any = None) -> int:
-        """Merge queued statistics shards (and optional logit effects) into DuckDB; returns shards added."""
+        """Merge queued statistics shards (and optional logit effects) into DuckDB, then copy the recomputed automatic
+        labels onto the stored Features; returns shards added."""
         self._last_flush = time.monotonic()
         if not self._pending and logit_effects is None:
             return 0
@@ -165,5 +169,11 @@ class StoreLoader:
         self.stats.path.parent.mkdir(parents=True, exist_ok=True)
         added = self.stats.ingest(self._pending, logit_effects=logit_effects)
         self._pending = []
+        # The statistics changed, so may the automatic labels: copy them onto the stored Features (changed ones only).
+        writer = self.writer
+        self.labels_changed += retrying(
+            lambda: push_auto_labels(writer.driver, self.stats, database=writer.database),
+            retry_s=self.retry_s, what="automatic labels", on_retry=self._retry_note,
+        )  # fmt: skip
         self.stats_seconds += time.perf_counter() - started
         return added

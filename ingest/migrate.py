@@ -37,6 +37,7 @@ from atlas.storage.identities import (
     stored_prompts,
     transcoders,
 )
+from atlas.storage.labels import push_auto_labels
 from atlas.storage.migrations import ensure_schema
 from atlas.transcoders.identity import legacy_transcoder_identity, transcoder_identity
 from ingest.prompts import prompt_key
@@ -51,6 +52,7 @@ class MigrationReport:
     stats: dict[str, str] = field(default_factory=dict)  # statistics source id -> action
     graph: MergeReport = field(default_factory=MergeReport)
     legacy_left: list[str] = field(default_factory=list)  # legacy ids still in the store (no directory given)
+    labels_changed: int = 0  # Features whose automatic label the merged statistics changed
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class MigrationReport:
             "stats": self.stats,
             "graph": self.graph.__dict__,
             "legacy_left": self.legacy_left,
+            "labels_changed": self.labels_changed,
         }
 
 
@@ -115,5 +118,8 @@ def migrate_identities(
     if stats_db is not None and groups:
         report.stats = FeatureStatsStore(stats_db).merge_transcoder_ids(groups, prompt_map)
     report.graph = merge_transcoders(driver, mapping, new_prompt_id, database=database)
+    if stats_db is not None and groups:  # the statistics were re-keyed and the labels recomputed: copy them over
+        report.labels_changed = push_auto_labels(driver, FeatureStatsStore(stats_db), transcoder_ids=groups,
+                                                 database=database)  # fmt: skip
     report.legacy_left = legacy_ids(driver, database)
     return report

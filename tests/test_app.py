@@ -305,7 +305,7 @@ def test_feature_search_and_dashboard(app_env: AtlasFixture, tiny_gpt2: LoadedMo
     # the planted logit edge, aggregated over prompts, is among the downstream partners (the upstream table only
     # lists features, so a layer-0 feature may have none)
     partners = frames(at, "partner", "sum |weight|")
-    assert any(((f["kind"] == "logit") & (f["text"] == app_env.one_hop.target)).any() for f in partners)
+    assert any(((f["kind"] == "logit") & (f["label"] == app_env.one_hop.target)).any() for f in partners)
     if top_token.strip():  # search by a top activating token finds it too
         at.text_input(key="feature_search").input(top_token.strip()).run()
         assert not errors(at), errors(at)
@@ -345,6 +345,125 @@ def test_prompt_graph_threshold_detail_and_pins(app_env: AtlasFixture) -> None:
         1 for r in rows if r["kind"] in ("token", "logit") or r["influence"] is None or r["influence"] <= 0.3
     )
     assert kept == expected < n_nodes
+
+
+def test_labels_set_on_the_features_page_appear_everywhere(app_env: AtlasFixture, neo4j_driver: Driver,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Ingest gave every stored feature its automatic label; a user label set on the Features page (editable, the
+    default) shows on the prompt graph, the paths table and the interventions picker, is searchable, and can be
+    edited from the graph's node detail and cleared back to the automatic label, with the history kept."""
+    from atlas.storage.feature_stats import FeatureStatsStore
+    from atlas.storage.labels import feature_label, label_history
+
+    monkeypatch.setenv("ATLAS_LABEL_AUTHOR", "tester")
+    path = app_env.one_hop
+    key = path.source_key
+    _, layer, index = key.rsplit("/", 2)
+    automatic = FeatureStatsStore(app_env.stats_db).auto_labels({app_env.transcoder_id})
+    assert automatic[(app_env.transcoder_id, int(layer), int(index))] == feature_label(neo4j_driver, key).auto_label
+    stored = neo4j_driver.execute_query(
+        "MATCH (f:Feature) WHERE f.transcoder = $t RETURN count(f) AS n, count(f.auto_label) AS labelled",
+        t=app_env.transcoder_id,
+    ).records[0]
+    assert stored["n"] > 0 and stored["labelled"] == stored["n"]  # pushed at ingest, for every stored feature
+
+    name = f"planted source {uuid.uuid4().hex[:6]}"
+    at = app_test("views/features.py")
+    at.text_input(key="feature_search").input(key).run()
+    at.text_input(key=f"features_label_text_{key}").input(name)
+    at.text_area(key=f"features_label_note_{key}").input("set by the app test")
+    at.button(key="features_label_save").click().run()
+    assert not errors(at), errors(at)
+    assert any(name in m.value for m in at.markdown) and any(f"saved: {name}" in s.value for s in at.success)
+    assert any("by tester" in c.value for c in at.caption)
+    at.text_input(key="feature_search").input(name.upper()).run()  # search by label, case-blind
+    assert list(frames(at, "matched on")[0]["key"]) == [key]
+
+    linked = AppTest.from_file(str(APP), default_timeout=120)
+    linked.query_params["prompt"] = path.prompt_id
+    linked.query_params["node"] = path.node_ids[0]
+    linked.run().switch_page("views/prompt_graph.py").run()
+    assert not errors(linked), errors(linked)
+    node_index = next(r["node_index"] for r in app_env.graphs[path.prompt_id].nodes.to_pylist()
+                      if r["node_id"] == path.node_ids[0])  # fmt: skip
+    assert linked.selectbox(key="node_pick").value == node_index  # ?node= opens that node's detail and label
+    assert any(m.value.startswith(f"**Label:** {name}") for m in linked.markdown)
+    graph = app_test("views/prompt_graph.py")
+    graph.selectbox(key="prompt_pick").select(path.prompt_id).run()
+    picker = graph.selectbox(key="node_pick")
+    shown = next(o for o in picker.options if o.startswith(path.node_ids[0] + " "))
+    assert name in shown  # node captions carry the label
+    graph.selectbox(key="node_pick").select_index(picker.options.index(shown)).run()
+    renamed = name + " (graph)"
+    graph.text_input(key=f"graph_label_text_{key}").input(renamed)
+    graph.button(key="graph_label_save").click().run()
+    assert not errors(graph), errors(graph)
+    assert feature_label(neo4j_driver, key).label == renamed
+
+    paths = app_test("views/paths.py")
+    run_paths(paths, path, hops=1)
+    table = frames(paths, "rank", "path")[0]
+    row = table[(table["prompt"] == path.prompt_id) & (table["path"] == " → ".join(path.node_ids))]
+    assert row["source label"].iloc[0] == renamed and row["path labels"].iloc[0].startswith(renamed + " → ")
+
+    iv = app_test("views/interventions.py")
+    iv.selectbox(key="iv_prompt").select(path.prompt_id).run()
+    assert any(renamed in o for o in iv.multiselect(key="iv_features").options)
+
+    at.button(key="features_label_clear").click().run()  # back to the automatic label; nothing lost
+    assert not errors(at), errors(at)
+    after = feature_label(neo4j_driver, key)
+    assert after.user_label is None and after.label == after.auto_label
+    assert [(r.label, r.author) for r in label_history(neo4j_driver, key)][:3] == [
+        (None, "tester"), (renamed, "tester"), (name, "tester")]  # fmt: skip
+
+
+def test_explain_button_labels_a_feature_with_its_score(app_env: AtlasFixture, neo4j_driver: Driver,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from test_labels import ChatEndpoint
+
+    from atlas.storage.labels import LabelEdit, feature_label, label_history, write_user_labels
+
+    key = app_env.one_hop.source_key
+    endpoint = ChatEndpoint()
+    try:
+        monkeypatch.setenv("ATLAS_EXPLAINER_URL", endpoint.url)
+        monkeypatch.setenv("ATLAS_EXPLAINER_MODEL", "loopback-judge")
+        at = app_test("views/features.py")
+        at.text_input(key="feature_search").input(key).run()
+        at.button(key="features_label_explain").click().run()
+        assert not errors(at), errors(at)
+    finally:
+        endpoint.close()
+    assert any(s.value.startswith("explained: Texas cities (detection ") for s in at.success)
+    stored = feature_label(neo4j_driver, key)
+    assert stored.label == "Texas cities" and stored.author == "explainer:loopback-judge"
+    assert stored.score is not None and 0.0 <= stored.score <= 1.0
+    assert any(f"detection score {stored.score:.2f}" in m.value for m in at.markdown)
+    assert label_history(neo4j_driver, key)[0].source == "explainer"
+    write_user_labels(neo4j_driver, [LabelEdit(key, None)])  # back to the automatic label for the other tests
+
+
+def test_read_only_app_refuses_label_edits(app_env: AtlasFixture, neo4j_driver: Driver,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from app.config import load_config
+    from app.label_edits import ReadOnlyError, save_label
+    from atlas.storage.labels import feature_label, label_history
+
+    monkeypatch.setenv("ATLAS_READ_ONLY", "1")
+    key = app_env.one_hop.source_key
+    before = (feature_label(neo4j_driver, key), label_history(neo4j_driver, key))
+    at = app_test("views/features.py")
+    at.text_input(key="feature_search").input(key).run()
+    assert not errors(at), errors(at)
+    assert any("read-only app" in c.value for c in at.caption)
+    assert not [b for b in at.button if b.key == "features_label_save"]
+    with pytest.raises(ReadOnlyError, match="read-only"):
+        save_label(neo4j_driver, load_config(), key, "sneaky", None, database=app_env.connection.database)
+    assert (feature_label(neo4j_driver, key), label_history(neo4j_driver, key)) == before
+    monkeypatch.setenv("ATLAS_READ_ONLY", "maybe")
+    with pytest.raises(ValueError, match="ATLAS_READ_ONLY"):
+        load_config()
 
 
 def run_paths(at: AppTest, path: PlantedPath, hops: int) -> None:

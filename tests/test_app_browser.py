@@ -1,6 +1,7 @@
 """End to end in a real browser: `atlas app` serves the app against the populated test store, headless Chromium
 (Debian's `chromium` + `chromium-driver`) driven by Selenium visits every page, runs the path query and one
-intervention, checks what is rendered, and saves a screenshot of each page under `test-artifacts/screenshots/`.
+intervention, names a feature on the Features page and finds that label on the prompt graph and in the paths table,
+checks what is rendered, and saves a screenshot of each page under `test-artifacts/screenshots/`.
 
 Skips (with the reason) only when Chromium or its driver is not installed; `make test` installs both.
 """
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
+LABEL = "planted source (browser)"
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
@@ -179,13 +181,28 @@ def test_every_page_in_a_real_browser(app_url: str, browser: object, atlas_store
     no_errors(d)
     text = page_text(d)
     assert "density (active tokens)" in text and "Top activating examples" in text
+    # name the feature: the label is then what the graph, the paths table and the pickers show
+    assert "automatic label" in text  # ingest gave it one
+    expander = d.find_element(By.XPATH, "//details[.//summary[.//p[normalize-space()='Edit label']]]/summary")  # type: ignore[attr-defined]
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'});", expander)  # type: ignore[attr-defined]
+    expander.click()
+    box = by_label(d, "input", "Label (at most 80 characters)")
+    box.send_keys(Keys.CONTROL, "a")  # type: ignore[attr-defined]
+    box.send_keys(LABEL, Keys.ENTER)  # type: ignore[attr-defined]
+    wait_idle(d)
+    click_button(d, "Save label")
+    wait_text(d, f"saved: {LABEL}")
+    wait_idle(d)
+    no_errors(d)
     shot(d, "2-features")
 
     # 3. Prompt graph of the planted path's prompt
-    d.get(f"{app_url}/prompt_graph?prompt={one.prompt_id}")  # type: ignore[attr-defined]
+    d.get(f"{app_url}/prompt_graph?prompt={one.prompt_id}&node={one.node_ids[0]}")  # type: ignore[attr-defined]
     wait_text(d, "click a node for detail")
     wait_idle(d)
     no_errors(d)
+    wait_text(d, f"{one.node_ids[0]} (feature)")  # ?node= opened the linked node's detail ...
+    wait_text(d, f"Label: {LABEL}")  # ... with the label set on the Features page
     n_nodes = atlas_store.graphs[one.prompt_id].nodes.num_rows
     assert f"showing {n_nodes} of {n_nodes} nodes" in page_text(d)
     points = d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .point")  # type: ignore[attr-defined]
@@ -222,6 +239,10 @@ def test_every_page_in_a_real_browser(app_url: str, browser: object, atlas_store
     text = page_text(d)
     assert f"Strongest: {' → '.join(one.node_ids)} in prompt {one.prompt_id}" in text
     assert "Merged view (all prompts)" in text
+    table = d.find_element(By.CSS_SELECTOR, "[data-testid='stDataFrame']")  # type: ignore[attr-defined]
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'});", table)  # type: ignore[attr-defined]
+    cells = str(d.execute_script("return arguments[0].textContent;", table))  # type: ignore[attr-defined]
+    assert LABEL in cells  # the "source label" and "path labels" columns of the ranked table
     shot(d, "4-paths")
 
     # 5. Cypher console: a write is refused, a read returns rows

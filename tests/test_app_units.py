@@ -3,6 +3,7 @@ intervention picks and settings; plus the console runner's server-side timeout a
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from neo4j import Driver
 
 from app.config import ConfigError, environment_for, load_config
-from app.cypher import CypherError, CypherRejected, check_read_only, run_read_query, strip_literals
+from app.cypher import CypherError, CypherRejected, ResultGraph, check_read_only, run_read_query, strip_literals
 from app.interventions import (
     FeaturePick,
     build_interventions,
@@ -21,6 +22,7 @@ from app.interventions import (
 from app.layout import (
     GraphEdge,
     GraphNode,
+    _hover,
     figure,
     filter_nodes,
     layered_layout,
@@ -37,8 +39,10 @@ from app.shaping import (
     merged_path_graph,
     parse_list,
     parse_positions,
+    path_rows,
     per_prompt_summary,
     probability_changes,
+    result_graph_drawable,
 )
 from atlas.storage.queries import LogitPath, PathNode
 
@@ -236,6 +240,31 @@ def test_merged_path_graph_joins_features_across_prompts_and_sums_weights() -> N
     assert sorted(e.weight for e in edges) == [0.75, 3.0]
     summary = per_prompt_summary(paths)
     assert [r["prompt"] for r in summary] == ["p1", "p2"] and summary[0]["best |strength|"] == 1.0
+
+
+def test_labels_lead_where_features_are_shown() -> None:
+    """A labelled feature shows its label (key still there) in the path rows, the merged graph, hover and the
+    console's result graph; an unlabelled one falls back to its key or node id."""
+    labelled = path("p1", ["t/0/1", "t/1/2"], " x", [0.5, 2.0])
+    first = labelled.nodes[0]
+    nodes = (dataclasses.replace(first, text="Dallas → Texas"), *labelled.nodes[1:])
+    labelled = dataclasses.replace(labelled, nodes=nodes)
+    (row,) = path_rows([labelled])
+    assert row["source"] == "t/0/1" and row["source label"] == "Dallas → Texas"
+    assert row["path labels"] == "Dallas → Texas → 1_2_3 → ' x'" and row["path"] == "0_1_3 → 1_2_3 → 9_1_3"
+    merged, _ = merged_path_graph([labelled])
+    assert [(n.label, n.feature_key) for n in merged if n.kind == "feature"] == [("Dallas → Texas", "t/0/1"),
+                                                                               ("t/1/2", "t/1/2")]  # fmt: skip
+    hover = _hover(merged[0])
+    assert hover.index("Dallas → Texas") < hover.index("feature t/0/1")
+    assert "<b>t/1/2</b>" not in _hover(merged[1])  # no label: the key once, not twice
+    graph = ResultGraph(
+        nodes={"a": {"labels": ["Feature"], "properties": {"key": "t/0/1", "label": "Dallas <city>", "layer": 0}}},
+        relationships={},
+    )
+    (node,), _ = result_graph_drawable(graph)
+    assert node.label == "Dallas <city>" and node.feature_key == "t/0/1"
+    assert "Dallas &lt;city&gt;" in _hover(node)  # escaped for Plotly's HTML hover
 
 
 def test_intervention_picks_and_edits() -> None:

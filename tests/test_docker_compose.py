@@ -63,6 +63,7 @@ def test_services_and_ports(compose: dict[str, Any]) -> None:
     app_env = services["app"]["environment"]
     assert int(app_env["STREAMLIT_SERVER_PORT"]) == config.APP_PORT and app_env["STREAMLIT_SERVER_ADDRESS"] == "0.0.0.0"
     assert services["app"]["command"][:2] == ["atlas", "app"]
+    assert app_env["ATLAS_READ_ONLY"] == "1"  # a shared deployment: no label edits by default
     assert services["ingest"]["entrypoint"] == ["atlas", "ingest"]
 
 

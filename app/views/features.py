@@ -7,7 +7,8 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app.resources import show_error, store
+from app.label_edits import label_panel
+from app.resources import config, show_error, store
 from app.shaping import highlighted_tokens_html, histogram_rows
 from atlas.storage.feature_stats import bin_bounds
 
@@ -48,6 +49,7 @@ else:
 
 assert key is not None
 st.header(f"Feature `{key}`")
+label_panel(s.driver, config(), key, database=s.database, where="features")
 try:
     with st.spinner("Loading statistics…"):
         stats = s.feature_stats(key)
@@ -105,7 +107,7 @@ def partner_links(rows: list, title: str, direction: str) -> None:
         return
     st.dataframe(
         pd.DataFrame(
-            [{"kind": n.kind, "partner": n.key or n.text, "text": n.text, "sum weight": n.weight,
+            [{"kind": n.kind, "label": n.text, "partner": n.key or n.text, "sum weight": n.weight,
               "sum |weight|": n.abs_weight, "prompts": n.n_prompts, "max |weight|": n.max_abs_weight} for n in rows]
         ),
         hide_index=True,
@@ -113,7 +115,8 @@ def partner_links(rows: list, title: str, direction: str) -> None:
     )  # fmt: skip
     for n in rows[:8]:
         if n.kind == "feature" and n.key:
-            st.page_link("views/features.py", label=f"→ {n.key} ({n.weight:+.3g})", query_params={"feature": n.key})
+            name = f"{n.text} ({n.key})" if n.text else n.key
+            st.page_link("views/features.py", label=f"→ {name} ({n.weight:+.3g})", query_params={"feature": n.key})
 
 
 up_col, down_col = st.columns(2)

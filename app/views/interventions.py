@@ -47,7 +47,11 @@ except Exception as err:
 nodes, _ = drawable(graph)
 props = graph.prompt
 features = sorted((n for n in nodes if n.kind == "feature"), key=lambda n: (n.influence or 9.0, n.index))
-labels = {n.node_id: f"L{n.layer} #{n.node_id.split('_')[1]} @{n.position} (act {n.value or 0:.3g})" for n in features}
+labels = {
+    n.node_id: f"L{n.layer} #{n.node_id.split('_')[1]} @{n.position} (act {n.value or 0:.3g})"
+    + (f" · {n.label}" if n.label not in (n.feature_key, n.node_id) else "")
+    for n in features
+}
 preset = [x for x in st.session_state.pop("iv_preset", []) if x in labels]
 if preset:
     st.session_state["iv_features"] = preset

@@ -1,13 +1,15 @@
 """Prompt graph page: one prompt's layered attribution graph (tokens bottom, layers up, logits top), a node
-threshold, click (or pick) a node for its detail, pin nodes into a subgraph, send features to Interventions."""
+threshold, click (or pick, or link with `?node=<node id>`) a node for its detail and its label, pin nodes into a
+subgraph, send features to Interventions."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
+from app.label_edits import label_panel
 from app.layout import figure, filter_nodes, neighbours, selected_node, subgraph
-from app.resources import show_error, store
+from app.resources import config, show_error, store
 from app.store import drawable
 
 st.title("Prompt graph")
@@ -77,6 +79,8 @@ clicked = selected_node(event)
 options = [n.index for n in shown_nodes]
 if clicked is not None and clicked in options:
     st.session_state["node_pick"] = clicked
+elif "node_pick" not in st.session_state and (linked := st.query_params.get("node")):  # ?node=<node id> deep link
+    st.session_state["node_pick"] = next((n.index for n in shown_nodes if n.node_id == linked), None)
 if st.session_state.get("node_pick") not in options:
     st.session_state.pop("node_pick", None)
 
@@ -99,6 +103,7 @@ if picked is not None:
                  "influence": node.influence, "feature": node.feature_key})  # fmt: skip
         if node.feature_key:
             st.page_link("views/features.py", label="feature dashboard", query_params={"feature": node.feature_key})
+            label_panel(s.driver, config(), node.feature_key, database=s.database, where="graph")
         st.button("Pin this node", key="pin_node", on_click=pin, args=(picked,))
     with right:
         incoming, outgoing = neighbours(edges, picked)

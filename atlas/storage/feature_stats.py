@@ -13,7 +13,9 @@ Readers (`FeatureStatsStore.reader()`, read-only) therefore never block the writ
 table; they see the new snapshot when they reconnect. Quantiles come from the histogram, so they are known to one
 bin: 8 bins per decade, i.e. to within a factor of 10^(1/8) ≈ 1.33.
 Logit effects (`logit_effect_table`) are a property of the decoder, not of data: top positive and negative
-demeaned logits of each feature's total decoder write.
+demeaned logits of each feature's total decoder write. Every rebuild also recomputes the automatic labels
+(`feature_labels`, the rule of `atlas.storage.auto_labels`), so they always match the statistics; `auto_labels`
+reads them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from atlas.storage.auto_labels import LABELS_TABLE, rebuild_auto_labels
 
 HISTOGRAM_BINS_PER_DECADE = 8
 HISTOGRAM_MIN_EXP, HISTOGRAM_MAX_EXP = -4, 4
@@ -277,12 +281,27 @@ class FeatureStatsStore:
                     con.unregister("incoming")
                 if "shard_counts" in {r[0] for r in con.execute("SHOW TABLES").fetchall()}:
                     con.execute(_BUILD_SQL.replace("{top_k}", str(self.top_k)))
+                rebuild_auto_labels(con)
             finally:
                 con.close()
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
         return added
+
+    def auto_labels(self, transcoder_ids: Collection[str] | None = None) -> dict[tuple[str, int, int], str]:
+        """{(transcoder id, layer, feature): automatic label} of the snapshot (of these transcoders only if given)."""
+        if not self.path.exists():
+            return {}
+        with self.reader() as con:
+            if LABELS_TABLE not in {row[0] for row in con.execute("SHOW TABLES").fetchall()}:
+                return {}
+            rows = con.execute(
+                f"SELECT transcoder_id, layer, feature, auto_label FROM {LABELS_TABLE} "
+                "WHERE ? IS NULL OR list_contains(?, transcoder_id) ORDER BY ALL",
+                [None if transcoder_ids is None else 1, sorted(transcoder_ids or [])],
+            ).fetchall()
+        return {(tid, int(layer), int(feature)): label for tid, layer, feature, label in rows}
 
     def has_logit_effects(self, transcoder_id: str) -> bool:
         """Whether the database holds logit effects of `transcoder_id` (False when it does not exist yet)."""
@@ -376,6 +395,7 @@ class FeatureStatsStore:
                 target = next(new for new, sources in groups.items() if sid in sources)
                 con.execute("INSERT INTO identity_merges VALUES (?, ?, ?)", [sid, target, action])
             con.execute(_BUILD_SQL.replace("{top_k}", str(self.top_k)))
+            rebuild_auto_labels(con)
         return actions
 
     @contextlib.contextmanager

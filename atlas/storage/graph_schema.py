@@ -14,7 +14,12 @@ Global identity nodes (shared by every prompt, MERGEd on their key, never delete
                                                              (fvu_mean, l0_mean, dead_fraction, ce_clean, ce_spliced,
                                                              ce_delta, replacement_score, completeness_score,
                                                              eval_prompts, eval_tokens, training_tokens, recipe)
-    (:Feature {key, transcoder, layer, index, h, label?})     key = "{transcoder}/{layer}/{index}" (graph.feature_key)
+    (:Feature {key, transcoder, layer, index, h, label?, auto_label?, user_label?, user_note?, label_author?,
+               label_updated_at?})                           key = "{transcoder}/{layer}/{index}" (graph.feature_key);
+                                                             label = user_label if set, else auto_label (what readers
+                                                             show; `atlas.storage.labels` keeps it so)
+    (:LabelRevision {seq, label, note, author, at, source})-[:REVISES]->(:Feature)
+                                                             one per user label write (history; never deleted)
     (:Token {key, model, id, text, h})                       a vocabulary item; key = "{model}/{id}", because token
                                                              ids are only meaningful within one model's vocabulary
                                                              (h: a 31-bit hash of the key, `aggregate.node_hash`)

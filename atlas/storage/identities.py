@@ -21,8 +21,10 @@ this layer does not know the ingest's prompt-key rule). Per legacy id, in bounde
    is already stored (the same text ingested through another copy, or already migrated) is a duplicate and is
    deleted with its instances, so every prompt is stored once;
 3. each Feature `{old}/{layer}/{index}` becomes `{new}/{layer}/{index}` (key, `transcoder`, hash `h`); where that
-   Feature exists already, the old one's instances are re-pointed to it (`OF`), its label kept if the survivor has
-   none, and the old node deleted;
+   Feature exists already, the old one's instances are re-pointed to it (`OF`), and so are its label revisions
+   (`(:LabelRevision)-[:REVISES]->`, numbered after the survivor's; no user label or note is lost), the more
+   recently written user label of the two (with its note, author and time) becomes the survivor's, its automatic
+   label is kept if the survivor has none, and the old node deleted;
 4. the legacy Transcoder node is deleted.
 
 Then the aggregate layer of every Transcoder marked `aggregates_stale` is rebuilt from its prompt graphs
@@ -199,7 +201,24 @@ CALL (f, g) {
   WITH f, g, collect(a) AS instances, collect(r) AS links
   FOREACH (a IN instances | CREATE (a)-[:OF]->(g))
   FOREACH (r IN links | DELETE r)
-  SET g.label = coalesce(g.label, f.label)
+  WITH f, g
+  CALL (f, g) {
+    OPTIONAL MATCH (kept:LabelRevision)-[:REVISES]->(g)
+    WITH f, g, coalesce(max(kept.seq), 0) AS base
+    OPTIONAL MATCH (rev:LabelRevision)-[x:REVISES]->(f)
+    WITH g, base, collect(rev) AS revisions, collect(x) AS links
+    FOREACH (rev IN revisions | SET rev.seq = rev.seq + base CREATE (rev)-[:REVISES]->(g))
+    FOREACH (x IN links | DELETE x)
+  }
+  WITH f, g, f.label_updated_at IS NOT NULL
+             AND (g.label_updated_at IS NULL OR f.label_updated_at > g.label_updated_at) AS newer
+  SET g.user_label = CASE WHEN newer THEN f.user_label ELSE g.user_label END,
+      g.user_note = CASE WHEN newer THEN f.user_note ELSE g.user_note END,
+      g.label_author = CASE WHEN newer THEN f.label_author ELSE g.label_author END,
+      g.label_updated_at = CASE WHEN newer THEN f.label_updated_at ELSE g.label_updated_at END,
+      g.label_score = CASE WHEN newer THEN f.label_score ELSE g.label_score END,
+      g.auto_label = coalesce(g.auto_label, f.auto_label)
+  SET g.label = coalesce(g.user_label, g.auto_label, g.label, f.label)
   DETACH DELETE f
 }
 RETURN count(g) AS merged, count(*) AS total

@@ -728,7 +728,8 @@ class GraphWriter:
             return session.execute_write(work)
 
     def set_feature_labels(self, labels: Mapping[str, str]) -> int:
-        """Set `label` on existing Features by key (e.g. auto-interpretation names); returns how many were found."""
+        """Set machine-made labels (`auto_label`, e.g. auto-interpretation names) on existing Features by key; the
+        shown `label` follows unless a user label is set (`atlas.storage.labels`). Returns how many were found."""
         if not self._schema_ready:
             self.ensure_schema()
         bad = [k for k, v in labels.items() if not isinstance(k, str) or not isinstance(v, str)]
@@ -736,7 +737,8 @@ class GraphWriter:
             raise GraphValidationError(f"feature labels must map key strings to label strings, got {bad[0]!r}")
         rows = [{"key": k, "label": v} for k, v in sorted(labels.items())]
         records = self.driver.execute_query(
-            "UNWIND $rows AS row MATCH (f:Feature {key: row.key}) SET f.label = row.label RETURN count(f) AS n",
+            "UNWIND $rows AS row MATCH (f:Feature {key: row.key}) "
+            "SET f.auto_label = row.label, f.label = coalesce(f.user_label, row.label) RETURN count(f) AS n",
             rows=rows,
             database_=self.database,
         ).records

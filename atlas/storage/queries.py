@@ -321,9 +321,11 @@ def _path_node(m: Mapping[str, Any]) -> PathNode:
 _FIND_BY_KEY_OR_LABEL: LiteralString = """
 MATCH (f:Feature)
 WHERE f.key = $text OR f.key ENDS WITH $suffix OR toLower(f.label) CONTAINS $lower
+   OR toLower(f.auto_label) CONTAINS $lower
 WITH f, CASE WHEN f.key = $text OR f.key ENDS WITH $suffix THEN 'key' ELSE 'label' END AS matched_on
 RETURN f.key AS key, f.transcoder AS transcoder, f.layer AS layer, f.index AS index, f.label AS label, matched_on,
-       CASE matched_on WHEN 'key' THEN f.key ELSE f.label END AS detail, COUNT { (f)<-[:OF]-() } AS n
+       CASE WHEN matched_on = 'key' THEN f.key WHEN toLower(f.label) CONTAINS $lower THEN f.label
+            ELSE f.auto_label END AS detail, COUNT { (f)<-[:OF]-() } AS n
 ORDER BY CASE matched_on WHEN 'key' THEN 0 ELSE 1 END, n DESC, key
 LIMIT $limit
 """
@@ -663,8 +665,8 @@ class AtlasQueries:
         return out
 
     def find_features(self, text: str, *, limit: int = 25) -> QueryResult[FeatureMatch]:
-        """Features whose key is or ends with `text` ("layer/index" works), whose label contains it (case-blind),
-        or (with a stats store) whose top logit effect or top activating token is `text`."""
+        """Features whose key is or ends with `text` ("layer/index" works), whose label (shown or automatic) contains
+        it (case-blind), or (with a stats store) whose top logit effect or top activating token is `text`."""
         if not isinstance(text, str) or not text.strip():
             raise QueryError(f"find_features needs a non-empty search text, got {text!r}")
         _check_int("limit", limit, 1, MAX_LIMIT)
