@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
+import duckdb
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from atlas.analysis.global_weights import (
     GlobalWeightsError,
@@ -18,13 +21,16 @@ from atlas.analysis.global_weights import (
     global_weights,
     logit_topk,
     residual_readers,
+    to_table,
     token_topk,
 )
 from atlas.attribution.context import build_context
 from atlas.attribution.engine import AttributionConfig, attribute
 from atlas.models import LoadedModel, load_model
-from atlas.transcoders import TranscoderSpec, build_transcoder
+from atlas.storage.global_weights import RELATIONS
+from atlas.transcoders import TranscoderSpec, build_transcoder, save_transcoder, transcoder_identity
 from atlas.transcoders.base import EncoderStack
+from atlas_cli.main import app
 from tests.test_attribution import PROMPT, random_transcoder
 from tests.tolerances import FLOAT32_SUM, assert_close_at_scale
 
@@ -221,3 +227,55 @@ def test_with_attention_alive_the_edge_also_holds_the_attention_path() -> None:
             gaps.append(abs(weight / float(graph.activations[s]) * sigma - v))
             scale = max(scale, abs(v))
     assert gaps and max(gaps) > 1e-3 * scale
+
+
+def stored_rows(path: Path) -> list[tuple[object, ...]]:
+    with duckdb.connect(str(path), read_only=True) as con:
+        return con.execute("SELECT * FROM global_weights ORDER BY ALL").fetchall()
+
+
+def test_cli_stores_global_weights_idempotently_and_refuses_bad_input(tmp_path: Path) -> None:
+    model = load_model("tiny-llama")
+    transcoder = random_transcoder(model, "clt")
+    directory = save_transcoder(transcoder, tmp_path / "clt", model_name="tiny-llama")
+    db = tmp_path / "stats.duckdb"
+    base = ["global", "weights", "--transcoders", str(directory), "--model", "tiny-llama", "--stats-db", str(db)]
+    runner = CliRunner()
+    first = runner.invoke(app, [*base, "--k", "5"])
+    assert first.exit_code == 0, first.output
+    rows = stored_rows(db)
+    expected = to_table(global_weights(transcoder, residual_readers(model), 5), transcoder_identity(directory).id)
+    assert len(rows) == expected.num_rows
+    stored = sorted(rows, key=lambda r: (r[2], r[3], r[4], r[5]))  # relation, layer, feature, rank
+    wanted = sorted(zip(*expected.to_pydict().values(), strict=True), key=lambda r: (r[2], r[3], r[4], r[5]))
+    assert [r[:8] for r in stored] == [r[:8] for r in wanted]
+    assert_close_at_scale(torch.tensor([r[8] for r in stored]), torch.tensor([r[8] for r in wanted]))
+    n_layers, n_features = transcoder.spec.n_layers, transcoder.spec.n_features
+    counts = {rel: sum(1 for r in rows if r[2] == rel) for rel in RELATIONS}
+    assert counts == {"feature_out": n_features * 5, "feature_in": n_features * 5,  # one layer pair, 2-layer model
+                      "token_in": n_layers * n_features * 5, "logit_out": n_layers * n_features * 5}  # fmt: skip
+
+    again = runner.invoke(app, [*base, "--k", "5"])
+    assert again.exit_code == 0, again.output
+    assert stored_rows(db) == rows, "a re-run stores the same rows, no duplicates"
+
+    before = db.read_bytes()
+    for bad, message in (
+        (["--k", "0"], "greater than or equal to 1"),
+        (["--k", str(n_layers * n_features + 1)], "more than the dictionary"),
+        (["--norm", "sideways"], "--norm"),
+    ):
+        result = runner.invoke(app, [*base, *bad])
+        assert result.exit_code == 2 and message in result.output, result.output
+    mismatched = runner.invoke(app, [*base[:4], "--model", "tiny-gpt2", *base[6:], "--k", "3"])
+    assert mismatched.exit_code == 2 and "do not fit" in mismatched.output, mismatched.output
+    assert db.read_bytes() == before, "refused runs leave the store untouched"
+
+    show = ["global", "show", "--transcoders", str(directory), "--stats-db", str(db)]
+    shown = runner.invoke(app, [*show, "--feature", "1/0", "--relation", "feature_in"])
+    assert shown.exit_code == 0 and "0/" in shown.output, shown.output
+    unknown = runner.invoke(app, [*show, "--feature", f"0/{n_features}"])
+    assert unknown.exit_code == 2 and "no feature" in unknown.output, unknown.output
+    empty = runner.invoke(app, [*show[:4], "--stats-db", str(tmp_path / "none.duckdb"), "--feature", "0/0"])
+    assert empty.exit_code == 2 and "no statistics database" in empty.output, empty.output
+    assert not (tmp_path / "none.duckdb").exists()

@@ -26,7 +26,7 @@ source layer i and target layer j > i the block C_ij · R_jᵀ is computed in ti
 tile's row-wise and column-wise top-k merged into running top-k states, one per feature and direction. Memory is
 O(L·F·k + tile² + F·d); work is Σ_{i<j} F²·d. Top-k ranks by |V| and keeps the sign; partners are −1 where a feature
 has fewer than k candidates (layer-0 features have no incoming feature weights, last-layer ones no outgoing).
-This module computes; it writes nothing (see `atlas.storage.global_weights`).
+This module computes and lays rows out (`to_table`); it writes nothing (see `atlas.storage.global_weights`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import pyarrow as pa
 import torch
 
+from atlas.storage.global_weights import GLOBAL_WEIGHTS_SCHEMA
 from atlas.transcoders.base import EncoderStack
 
 NormMode = Literal["fold", "ignore"]
@@ -328,3 +330,34 @@ def dense_virtual_weights(transcoder: EncoderStack, readers: ResidualReaders) ->
             block = cumulative_writes(transcoder, i, before=j) @ encoder_readers(transcoder, j, readers.mlp_in[j]).T
             dense[i * F : (i + 1) * F, j * F : (j + 1) * F] = block
     return dense
+
+
+def to_table(result: GlobalWeights, transcoder_id: str) -> pa.Table:
+    """Rows of `GLOBAL_WEIGHTS_SCHEMA`: one per (feature, relation, rank) that has a partner."""
+    F = result.n_features
+    parts: dict[str, list[Any]] = {name: [] for name in GLOBAL_WEIGHTS_SCHEMA.names}
+    relations = [("feature_out", result.outgoing, True), ("feature_in", result.incoming, True),
+                 ("token_in", result.tokens_in, False), ("logit_out", result.logits_out, False)]  # fmt: skip
+    for relation, top, partner_is_feature in relations:
+        if top is None:
+            continue
+        rows, ranks = (top.partners >= 0).nonzero(as_tuple=True)
+        partners = top.partners[rows, ranks]
+        n = int(rows.numel())
+        parts["transcoder_id"].append(pa.array([transcoder_id] * n, pa.string()))
+        parts["norm"].append(pa.array([result.norm] * n, pa.string()))
+        parts["relation"].append(pa.array([relation] * n, pa.string()))
+        parts["layer"].append(pa.array((rows // F).int().numpy(), pa.int32()))
+        parts["feature"].append(pa.array((rows % F).int().numpy(), pa.int32()))
+        parts["rank"].append(pa.array(ranks.int().numpy(), pa.int32()))
+        partner_layer = (partners // F).int().numpy() if partner_is_feature else None
+        parts["partner_layer"].append(
+            pa.array(partner_layer, pa.int32()) if partner_is_feature else pa.nulls(n, pa.int32())
+        )
+        parts["partner"].append(pa.array((partners % F if partner_is_feature else partners).numpy(), pa.int64()))
+        parts["v"].append(pa.array(top.values[rows, ranks].double().numpy(), pa.float64()))
+        parts["twera"].append(pa.nulls(n, pa.float64()))
+        parts["era"].append(pa.nulls(n, pa.float64()))
+    columns = [pa.concat_arrays(parts[name]) if parts[name] else pa.array([], field.type)
+               for name, field in zip(GLOBAL_WEIGHTS_SCHEMA.names, GLOBAL_WEIGHTS_SCHEMA, strict=True)]  # fmt: skip
+    return pa.Table.from_arrays(columns, schema=GLOBAL_WEIGHTS_SCHEMA)

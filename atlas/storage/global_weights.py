@@ -1,0 +1,111 @@
+"""Global weights in the DuckDB statistics database: one table of top-k partners, replaced per (dictionary, norm).
+
+Tables (in the same file as the feature statistics, written by snapshot swap like them):
+- `global_weights (transcoder_id, norm, relation, layer, feature, rank, partner_layer, partner, v, twera, era)`:
+  `relation` is `feature_out` (partner a later feature), `feature_in` (an earlier feature), `token_in` (a token id
+  whose embedding reads into the feature) or `logit_out` (a vocabulary id); `partner_layer` is NULL for tokens and
+  logits; `rank` 0 is the largest |v|. `twera` / `era` are NULL until co-activation statistics fill them.
+- `global_weight_runs (transcoder_id, norm, model, k, n_layers, n_features)`: what produced the rows.
+
+Writing replaces every row of the same (transcoder_id, norm) in one snapshot, so a re-run stores the same result
+and a failure (bad table, crash) leaves the live file as it was. This module stores and reads; it computes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from atlas.storage.feature_stats import FeatureStatsStore
+
+RELATIONS = ("feature_out", "feature_in", "token_in", "logit_out")
+GLOBAL_WEIGHTS_SCHEMA = pa.schema(
+    [
+        ("transcoder_id", pa.string()), ("norm", pa.string()), ("relation", pa.string()), ("layer", pa.int32()),
+        ("feature", pa.int32()), ("rank", pa.int32()), ("partner_layer", pa.int32()), ("partner", pa.int64()),
+        ("v", pa.float64()), ("twera", pa.float64()), ("era", pa.float64()),
+    ]
+)  # fmt: skip
+_CREATE = """
+CREATE TABLE IF NOT EXISTS global_weights (transcoder_id VARCHAR, norm VARCHAR, relation VARCHAR, layer INTEGER,
+  feature INTEGER, rank INTEGER, partner_layer INTEGER, partner BIGINT, v DOUBLE, twera DOUBLE, era DOUBLE);
+CREATE TABLE IF NOT EXISTS global_weight_runs (transcoder_id VARCHAR, norm VARCHAR, model VARCHAR, k INTEGER,
+  n_layers INTEGER, n_features INTEGER);
+"""
+
+
+class GlobalWeightsStoreError(ValueError):
+    """Rows that cannot be stored, or a lookup the store cannot answer; nothing was changed."""
+
+
+def replace_global_weights(
+    path: str | Path, table: pa.Table, *, transcoder_id: str, norm: str, model: str, k: int, n_layers: int,
+    n_features: int,
+) -> int:  # fmt: skip
+    """Store `table` (`GLOBAL_WEIGHTS_SCHEMA`) as the global weights of (transcoder_id, norm); returns its rows."""
+    if not table.schema.equals(GLOBAL_WEIGHTS_SCHEMA, check_metadata=False):
+        raise GlobalWeightsStoreError(f"global weights table has schema {table.schema}, not {GLOBAL_WEIGHTS_SCHEMA}")
+    for column, expected in (("transcoder_id", transcoder_id), ("norm", norm)):
+        values = set(table.column(column).to_pylist())
+        if values - {expected}:
+            raise GlobalWeightsStoreError(f"rows with {column} {sorted(values - {expected})}, expected {expected!r}")
+    unknown = set(table.column("relation").to_pylist()) - set(RELATIONS)
+    if unknown:
+        raise GlobalWeightsStoreError(f"unknown relations {sorted(unknown)}; expected {RELATIONS}")
+    store = FeatureStatsStore(path)
+    store.path.parent.mkdir(parents=True, exist_ok=True)
+    with store.snapshot() as con:
+        con.execute(_CREATE)
+        key = [transcoder_id, norm]
+        con.execute("DELETE FROM global_weights WHERE transcoder_id = ? AND norm = ?", key)
+        con.execute("DELETE FROM global_weight_runs WHERE transcoder_id = ? AND norm = ?", key)
+        con.register("incoming", table)
+        con.execute("INSERT INTO global_weights SELECT * FROM incoming ORDER BY relation, layer, feature, rank")
+        con.unregister("incoming")
+        con.execute("INSERT INTO global_weight_runs VALUES (?, ?, ?, ?, ?, ?)", [*key, model, k, n_layers, n_features])
+    return table.num_rows
+
+
+def global_weight_run(path: str | Path, transcoder_id: str, norm: str = "fold") -> dict[str, Any]:
+    """The stored run of (transcoder_id, norm); a clear error when the store or the run does not exist."""
+    if not Path(path).exists():
+        raise GlobalWeightsStoreError(f"no statistics database at {path}; run `atlas global weights` first")
+    with duckdb.connect(str(path), read_only=True) as con:
+        tables = {row[0] for row in con.execute("SHOW TABLES").fetchall()}
+        row = (
+            con.execute(
+                "SELECT model, k, n_layers, n_features FROM global_weight_runs WHERE transcoder_id = ? AND norm = ?",
+                [transcoder_id, norm],
+            ).fetchone()
+            if "global_weight_runs" in tables
+            else None
+        )
+    if row is None:
+        raise GlobalWeightsStoreError(
+            f"{path} holds no global weights of {transcoder_id} (norm {norm}); run `atlas global weights` first"
+        )
+    return dict(zip(("model", "k", "n_layers", "n_features"), row, strict=True))
+
+
+def read_global_weights(
+    path: str | Path, transcoder_id: str, layer: int, feature: int, *, norm: str = "fold", relation: str | None = None
+) -> list[dict[str, Any]]:
+    """One feature's stored rows, by relation then rank; unknown features and missing runs are clear errors."""
+    run = global_weight_run(path, transcoder_id, norm)
+    if not (0 <= layer < run["n_layers"] and 0 <= feature < run["n_features"]):
+        raise GlobalWeightsStoreError(
+            f"no feature ({layer}, {feature}) in {transcoder_id}: {run['n_layers']} layers × {run['n_features']}"
+        )
+    if relation is not None and relation not in RELATIONS:
+        raise GlobalWeightsStoreError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
+    with duckdb.connect(str(path), read_only=True) as con:
+        cursor = con.execute(
+            "SELECT relation, rank, partner_layer, partner, v, twera, era FROM global_weights WHERE transcoder_id = ?"
+            " AND norm = ? AND layer = ? AND feature = ? AND (? IS NULL OR relation = ?) ORDER BY relation, rank",
+            [transcoder_id, norm, layer, feature, relation, relation],
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
