@@ -26,6 +26,8 @@ source layer i and target layer j > i the block C_ij · R_jᵀ is computed in ti
 tile's row-wise and column-wise top-k merged into running top-k states, one per feature and direction. Memory is
 O(L·F·k + tile² + F·d); work is Σ_{i<j} F²·d. Top-k ranks by |V| and keeps the sign; partners are −1 where a feature
 has fewer than k candidates (layer-0 features have no incoming feature weights, last-layer ones no outgoing).
+Token and logit tables tile the vocabulary instead (outer loop; each tile's read vectors built once) and hold every
+layer's read or write vectors, `L·F·d` (the size of the encoder), plus one `ROW_TILE × vocab_tile` block.
 This module computes and lays rows out (`to_table`); it writes nothing (see `atlas.storage.global_weights`).
 """
 
@@ -46,6 +48,7 @@ NormMode = Literal["fold", "ignore"]
 NORM_MODES: tuple[NormMode, ...] = ("fold", "ignore")
 DEFAULT_K = 64
 DEFAULT_TILE = 2048
+ROW_TILE = 2048  # rows per block in the token and logit phases
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -216,11 +219,40 @@ def feature_topk(
                     out_rows = slice(i * F + rows.start, i * F + rows.stop)
                     in_rows = slice(j * F + cols.start, j * F + cols.stop)
                     outgoing.merge(out_rows, block, tgt_ids.expand(block.shape[0], -1))
-                    incoming.merge(in_rows, block.T, src_ids.expand(block.shape[1], -1))
+                    incoming.merge(in_rows, block.T.contiguous(), src_ids.expand(block.shape[1], -1))
             done += 1
             if progress:
                 progress("features", done, total)
     return incoming.cpu(), outgoing.cpu()
+
+
+def _vocab_topk(
+    rows: list[torch.Tensor],
+    read: Callable[[slice], torch.Tensor],
+    vocab: int,
+    k: int,
+    *,
+    tile: int,
+    device: torch.device | str,
+    phase: str,
+    progress: Progress | None,
+) -> TopK:
+    """Top-k over vocabulary ids of `rows[l] (F, d) @ read(ids)ᵀ` for every layer l: a `TopK` of `L·F` rows.
+
+    Vocabulary tiles are the outer loop, so each tile's read vectors `read(ids) (t, d)` are built once; the layers'
+    rows are stacked and taken `ROW_TILE` at a time (blocks of at most `ROW_TILE × tile`).
+    """
+    stacked = torch.cat(rows)  # (L·F, d)
+    state = TopK.empty(stacked.shape[0], min(k, vocab), device)
+    tiles = _tiles(vocab, tile)
+    for done, cols in enumerate(tiles, 1):
+        vectors = read(cols).to(device)
+        ids = torch.arange(cols.start, cols.stop, device=device)
+        for part in _tiles(stacked.shape[0], ROW_TILE):
+            state.merge(part, stacked[part] @ vectors.T, ids.expand(part.stop - part.start, -1))
+        if progress:
+            progress(phase, done, len(tiles))
+    return state.cpu()
 
 
 @torch.no_grad()
@@ -234,25 +266,20 @@ def token_topk(
     progress: Progress | None = None,
 ) -> TopK:
     """Per feature, the top-k tokens by < W_E[token], r_t >: the token embedding's direct path to the feature."""
-    L, F = transcoder.spec.n_layers, transcoder.spec.n_features
-    vocab = readers.W_E.shape[0]
-    k = min(k, vocab)
-    state = TopK.empty(L * F, k, device)
-    W_E = readers.W_E.to(device)
-    for j in range(L):
-        enc = encoder_readers(transcoder, j, readers.mlp_in[j]).to(device)
-        for cols in _tiles(vocab, tile):
-            block = enc @ W_E[cols].T  # (F, t)
-            ids = torch.arange(cols.start, cols.stop, device=device).expand(F, -1)
-            state.merge(slice(j * F, (j + 1) * F), block, ids)
-        if progress:
-            progress("tokens", j + 1, L)
-    return state.cpu()
+    L = transcoder.spec.n_layers
+    encoders = [encoder_readers(transcoder, j, readers.mlp_in[j]).to(device) for j in range(L)]
+    return _vocab_topk(
+        encoders, lambda cols: readers.W_E[cols], readers.W_E.shape[0], k, tile=tile, device=device,
+        phase="tokens", progress=progress,
+    )  # fmt: skip
 
 
-def logit_readers(readers: ResidualReaders, cols: slice) -> torch.Tensor:
-    """`(t, d_model)` residual read directions of vocabulary ids `cols`: demeaned W_U columns through `ln_final`."""
-    mean = readers.W_U.mean(1, keepdim=True)
+def logit_readers(readers: ResidualReaders, cols: slice, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """`(t, d_model)` residual read directions of vocabulary ids `cols`: demeaned W_U columns through `ln_final`.
+
+    `mean (d_model, 1)`: W_U's mean over the vocabulary, when the caller has it already.
+    """
+    mean = readers.W_U.mean(1, keepdim=True) if mean is None else mean
     return readers.final.apply((readers.W_U[:, cols] - mean).T)
 
 
@@ -267,19 +294,12 @@ def logit_topk(
     progress: Progress | None = None,
 ) -> TopK:
     """Per feature, the top-k vocabulary ids by < Σ_ℓ W_dec^{s,ℓ}, demeaned W_U[:, v] through `ln_final` >."""
-    L, F = transcoder.spec.n_layers, transcoder.spec.n_features
-    vocab = readers.W_U.shape[1]
-    k = min(k, vocab)
-    state = TopK.empty(L * F, k, device)
-    for i in range(L):
-        writes = cumulative_writes(transcoder, i).to(device)
-        for cols in _tiles(vocab, tile):
-            block = writes @ logit_readers(readers, cols).to(device).T  # (F, t)
-            ids = torch.arange(cols.start, cols.stop, device=device).expand(F, -1)
-            state.merge(slice(i * F, (i + 1) * F), block, ids)
-        if progress:
-            progress("logits", i + 1, L)
-    return state.cpu()
+    writes = [cumulative_writes(transcoder, i).to(device) for i in range(transcoder.spec.n_layers)]
+    mean = readers.W_U.mean(1, keepdim=True)
+    return _vocab_topk(
+        writes, lambda cols: logit_readers(readers, cols, mean), readers.W_U.shape[1], k, tile=tile, device=device,
+        phase="logits", progress=progress,
+    )  # fmt: skip
 
 
 def global_weights(
