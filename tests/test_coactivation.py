@@ -1,0 +1,115 @@
+"""Co-activation statistics: TWERA/ERA against a by-hand expectation, and exact merging of worker shards."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from atlas.analysis.coactivation import CoactivationError, CoactivationStats, pairs_from_topk
+from atlas.analysis.global_weights import TopK, dense_virtual_weights, feature_topk
+from tests.test_global_weights import F, L, tiny_readers, tiny_transcoder
+from tests.tolerances import assert_close_at_scale
+
+
+def prompts(n: int, seed: int = 0) -> list[torch.Tensor]:
+    """Sparse nonnegative activations `(L, n_tokens, F)` of `n` prompts of different lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        x = torch.randn(L, 3 + i % 5, F, generator=generator)
+        out.append(torch.relu(x - 0.7))  # about a quarter of the entries fire
+    return out
+
+
+def setup() -> tuple[torch.Tensor, torch.Tensor]:
+    transcoder, readers = tiny_transcoder("clt"), tiny_readers(False)
+    _, outgoing = feature_topk(transcoder, readers, 3)
+    return pairs_from_topk(outgoing), dense_virtual_weights(transcoder, readers)
+
+
+def test_pairs_are_the_top_k_with_a_nonzero_weight() -> None:
+    outgoing = TopK(torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 0.0]]), torch.tensor([[5, 6, 7], [-1, -1, -1]]))
+    assert pairs_from_topk(outgoing).tolist() == [[0, 5], [0, 7]]
+
+
+def test_twera_and_era_match_a_by_hand_expectation() -> None:
+    pairs, V = setup()
+    data = prompts(7)
+    stats = CoactivationStats(pairs, L * F)
+    for acts in data:
+        stats.add(acts)
+    tokens = torch.cat([a.permute(1, 0, 2).reshape(-1, L * F) for a in data]).double()  # (n_tokens, L·F)
+    assert stats.n_tokens == tokens.shape[0]
+    virtual = V[pairs[:, 0], pairs[:, 1]]
+    twera, era = stats.weighted(virtual)
+    expected_twera, expected_era = [], []
+    for p, (i, j) in enumerate(pairs.tolist()):
+        joint = sum(float(t[i] * t[j]) for t in tokens) / len(tokens)
+        target = sum(float(t[j]) for t in tokens) / len(tokens)
+        source = sum(float(t[i]) for t in tokens) / len(tokens)
+        expected_twera.append(joint / target * float(virtual[p]) if target > 0 else float("nan"))
+        expected_era.append(source * float(virtual[p]))
+    assert torch.equal(torch.isnan(twera), torch.isnan(torch.tensor(expected_twera)))
+    fired = ~torch.isnan(twera)
+    assert int(fired.sum()) > len(pairs) // 2
+    assert_close_at_scale(twera[fired], torch.tensor(expected_twera, dtype=torch.float64)[fired], rel=1e-12)
+    assert_close_at_scale(era, torch.tensor(expected_era), rel=1e-12)
+
+
+def test_shards_merge_to_the_whole_corpus_exactly(tmp_path: Path) -> None:
+    """Any split of the prompts over workers, any merge order, through shard files: counts equal, sums to float64."""
+    pairs, _ = setup()
+    data = prompts(12, seed=3)
+    whole = CoactivationStats(pairs, L * F)
+    for acts in data:
+        whole.add(acts)
+    for split, order in ((3, (0, 1, 2)), (4, (3, 1, 0, 2)), (5, (4, 3, 2, 1, 0))):
+        shards = [CoactivationStats(pairs, L * F) for _ in range(split)]
+        for index, acts in enumerate(data):
+            shards[index % split].add(acts)
+        read_back = []
+        for n, shard in enumerate(shards):
+            for name, table in shard.to_tables().items():
+                pq.write_table(table, tmp_path / f"{split}-{n}-{name}.parquet")
+            read_back.append(CoactivationStats.from_tables(
+                {name: pq.read_table(tmp_path / f"{split}-{n}-{name}.parquet") for name in ("features", "pairs")}
+            ))  # fmt: skip
+        merged = read_back[order[0]]
+        for index in order[1:]:
+            merged = merged.merge(read_back[index])
+        assert merged.n_tokens == whole.n_tokens
+        assert torch.equal(merged.pairs, whole.pairs)
+        assert_close_at_scale(merged.feature_sums, whole.feature_sums, rel=1e-14)
+        assert_close_at_scale(merged.pair_sums, whole.pair_sums, rel=1e-14)
+
+
+def test_mismatches_are_refused() -> None:
+    pairs, _ = setup()
+    stats = CoactivationStats(pairs, L * F)
+    with pytest.raises(CoactivationError, match="cover"):
+        stats.add(torch.zeros(L, 2, F + 1))
+    with pytest.raises(CoactivationError, match="different pair lists"):
+        stats.merge(CoactivationStats(pairs[:-1], L * F))
+    with pytest.raises(CoactivationError, match="pair ids"):
+        CoactivationStats(torch.tensor([[0, L * F]]), L * F)
+    with pytest.raises(CoactivationError, match="no tokens"):
+        stats.weighted(torch.ones(pairs.shape[0]))
+    assert stats.n_tokens == 0 and not stats.feature_sums.any(), "a refused add leaves the sums as they were"
+
+
+def test_a_target_that_never_fires_has_no_twera() -> None:
+    pairs = torch.tensor([[0, F], [1, F + 1]])
+    stats = CoactivationStats(pairs, L * F)
+    acts = torch.zeros(L, 4, F)
+    acts[0, :, 0] = 1.0
+    acts[1, :2, 0] = 2.0  # feature F fires on half the tokens with the source
+    acts[0, :, 1] = 3.0  # feature F + 1 never fires
+    stats.add(acts)
+    twera, era = stats.weighted(torch.tensor([0.5, 0.5]))
+    assert float(twera[0]) == pytest.approx(1.0 * 0.5) and torch.isnan(twera[1])
+    assert era.tolist() == pytest.approx([0.5, 1.5])
+    assert list(itertools.islice(stats.pair_sums.tolist(), 2)) == pytest.approx([4.0, 0.0])
