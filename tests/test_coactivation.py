@@ -57,7 +57,7 @@ def test_twera_and_era_match_a_by_hand_expectation() -> None:
     fired = ~torch.isnan(twera)
     assert int(fired.sum()) > len(pairs) // 2
     assert_close_at_scale(twera[fired], torch.tensor(expected_twera, dtype=torch.float64)[fired], rel=1e-12)
-    assert_close_at_scale(era, torch.tensor(expected_era), rel=1e-12)
+    assert_close_at_scale(era, torch.tensor(expected_era, dtype=torch.float64), rel=1e-12)
 
 
 def test_shards_merge_to_the_whole_corpus_exactly(tmp_path: Path) -> None:
