@@ -1,6 +1,7 @@
-"""`atlas global weights` and `atlas global show`: input-independent global weights of a dictionary, into DuckDB.
+"""`atlas global weights`, `twera` and `show`: input-independent global weights of a dictionary, into DuckDB.
 
     atlas global weights --transcoders runs/demo/transcoders --k 64          # every feature's top-64, stored
+    atlas global twera --transcoders runs/demo/transcoders --corpus prompts.txt   # TWERA / ERA over a corpus
     atlas global show --transcoders runs/demo/transcoders --feature 3/17     # one feature's stored partners
 
 The dictionary is checked against the model before anything loads (layer count, width, the model it was trained on);
@@ -24,10 +25,11 @@ global_app = typer.Typer(help="Global circuits: input-independent weights betwee
 
 
 def _errors() -> tuple[type[BaseException], ...]:
+    from atlas.analysis.coactivation import CoactivationError
     from atlas.analysis.global_weights import GlobalWeightsError
     from atlas.storage.global_weights import GlobalWeightsStoreError
 
-    return (*user_errors(), GlobalWeightsError, GlobalWeightsStoreError)
+    return (*user_errors(), GlobalWeightsError, GlobalWeightsStoreError, CoactivationError)
 
 
 @global_app.command("weights")
@@ -128,6 +130,53 @@ def show(
         era = "" if row["era"] is None else f"{row['era']:.4g}"
         table.add_row(row["relation"], str(row["rank"]), partner, f"{row['v']:.4g}", twera, era)
     Console().print(table)
+
+
+@global_app.command("twera")
+def twera(
+    transcoders: Annotated[Path, typer.Option(help="Transcoder directory (circuit-tracer format).")],
+    corpus: Annotated[Path, typer.Option(help="Prompts: .txt (one per line), .jsonl or .parquet.")],
+    model: Annotated[str, typer.Option(help="Model the transcoders belong to.")] = DEFAULT_MODEL,
+    norm: Annotated[str, typer.Option(help="Which stored global weights: fold | ignore.")] = "fold",
+    text_field: Annotated[str, typer.Option(help="JSONL/Parquet field holding the prompt.")] = "text",
+    limit: Annotated[int | None, typer.Option(min=1, help="Use the first N prompts only.")] = None,
+    stats_db: Annotated[Path | None, typer.Option(help="DuckDB statistics file (default: $ATLAS_STATS_DB).")] = None,
+) -> None:
+    """Co-activation statistics of the stored feature pairs over a corpus: fill their TWERA and ERA (replaced)."""
+    from ingest.preflight import INPUT_ERRORS, check_inputs
+
+    try:
+        check_inputs(corpus, transcoders, model)
+    except INPUT_ERRORS as err:
+        fail(err)
+    from rich.progress import Progress
+
+    from atlas.analysis.coactivation import corpus_activity
+    from atlas.config import stats_db_path
+    from atlas.models import load_model
+    from atlas.storage.global_weights import stored_pairs, write_activity
+    from atlas.transcoders import load_transcoder, transcoder_identity
+    from ingest.prompts import read_corpus
+
+    path = stats_db or stats_db_path()
+    try:
+        transcoder_id = transcoder_identity(transcoders).id
+        pairs = stored_pairs(path, transcoder_id, norm)  # before any model work: nothing stored is a clear error
+        records, _ = read_corpus(corpus, text_field=text_field)
+        texts = [record.text for record in records][:limit]
+        transcoder = load_transcoder(transcoders)
+        with console.status(f"loading {model}…"):
+            loaded = load_model(model)
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("prompts", total=len(texts))
+            table, stats = corpus_activity(loaded, transcoder, texts, pairs,
+                                           progress=lambda done: bar.update(task, completed=done))  # fmt: skip
+        write_activity(path, table, transcoder_id=transcoder_id, norm=norm, corpus=str(corpus.resolve()),
+                       n_tokens=stats.n_tokens)  # fmt: skip
+    except _errors() as err:
+        fail(err)
+    console.print(f"TWERA/ERA of {table.num_rows} feature pairs over {len(texts)} prompts ({stats.n_tokens} tokens)"
+                  f" stored in {path}")  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

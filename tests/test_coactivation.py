@@ -5,12 +5,19 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from atlas.analysis.coactivation import CoactivationError, CoactivationStats, pairs_from_topk
 from atlas.analysis.global_weights import TopK, dense_virtual_weights, feature_topk
+from atlas.attribution.context import build_context
+from atlas.models import load_model
+from atlas.transcoders import save_transcoder
+from atlas_cli.main import app
+from tests.test_attribution import random_transcoder
 from tests.test_global_weights import F, L, tiny_readers, tiny_transcoder
 from tests.tolerances import assert_close_at_scale
 
@@ -113,3 +120,68 @@ def test_a_target_that_never_fires_has_no_twera() -> None:
     assert float(twera[0]) == pytest.approx(1.0 * 0.5) and torch.isnan(twera[1])
     assert era.tolist() == pytest.approx([0.5, 1.5])
     assert list(itertools.islice(stats.pair_sums.tolist(), 2)) == pytest.approx([4.0, 0.0])
+
+
+def test_cli_fills_twera_from_a_corpus_idempotently(tmp_path: Path) -> None:
+    """`atlas global twera` stores, on each stored feature row, TWERA/ERA equal to an accumulator fed the same
+    prompts; a re-run stores the same; without stored weights it refuses and creates nothing."""
+    model = load_model("tiny-llama")
+    transcoder = random_transcoder(model, "clt")
+    directory = save_transcoder(transcoder, tmp_path / "clt", model_name="tiny-llama")
+    corpus = tmp_path / "corpus.txt"
+    texts = ["When Mary and John went to the store", "the cat sat on the mat", "John gave a drink to Mary"]
+    corpus.write_text("\n".join(texts) + "\n")
+    db = tmp_path / "stats.duckdb"
+    common = ["--transcoders", str(directory), "--model", "tiny-llama", "--stats-db", str(db)]
+    runner = CliRunner()
+    refused = runner.invoke(app, ["global", "twera", *common, "--corpus", str(corpus)])
+    assert refused.exit_code == 2 and "no statistics database" in refused.output, refused.output
+    assert not db.exists()
+    assert runner.invoke(app, ["global", "weights", *common, "--k", "8"]).exit_code == 0
+    first = runner.invoke(app, ["global", "twera", *common, "--corpus", str(corpus)])
+    assert first.exit_code == 0, first.output
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        rows = con.execute(
+            "SELECT relation, layer, feature, partner_layer, partner, v, twera, era FROM global_weights "
+            "WHERE relation IN ('feature_out', 'feature_in') ORDER BY ALL"
+        ).fetchall()
+        n_tokens = con.execute("SELECT n_tokens FROM global_activity_runs").fetchone()
+    F = transcoder.spec.n_features
+    stats = CoactivationStats(torch.tensor([[0, 0]]), transcoder.spec.n_layers * F)  # means only
+    for text in texts:
+        ctx = build_context(model, transcoder, model.tokenize(text)[0], zero_positions=(0,))
+        stats.add(ctx.activations[:, 1:])
+    joint: dict[tuple[int, int], float] = {}
+    for text in texts:
+        ctx = build_context(model, transcoder, model.tokenize(text)[0], zero_positions=(0,))
+        flat = ctx.activations[:, 1:].permute(1, 0, 2).reshape(-1, transcoder.spec.n_layers * F).double()
+        for i, j in itertools.product(range(F), range(F, 2 * F)):  # layer-0 sources, layer-1 targets
+            joint[(i, j)] = joint.get((i, j), 0.0) + float((flat[:, i] * flat[:, j]).sum())
+    assert n_tokens == (stats.n_tokens,)
+    mean = stats.feature_sums / stats.n_tokens
+    checked = 0
+    for relation, layer, feature, partner_layer, partner, v, twera, era in rows:
+        src, tgt = (layer * F + feature, partner_layer * F + partner)
+        if relation == "feature_in":
+            src, tgt = tgt, src
+        assert era == pytest.approx(float(mean[src]) * v, rel=1e-9, abs=1e-12)
+        if float(mean[tgt]) == 0:
+            assert twera is None
+        else:
+            expected = joint[(src, tgt)] / stats.n_tokens / float(mean[tgt]) * v
+            assert twera == pytest.approx(expected, rel=1e-9, abs=1e-12)
+            checked += 1
+    assert checked > len(rows) // 2
+
+    again = runner.invoke(app, ["global", "twera", *common, "--corpus", str(corpus)])
+    assert again.exit_code == 0, again.output
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert (
+            con.execute(
+                "SELECT relation, layer, feature, partner_layer, partner, v, twera, era FROM global_weights "
+                "WHERE relation IN ('feature_out', 'feature_in') ORDER BY ALL"
+            ).fetchall()
+            == rows
+        )
+        assert con.execute("SELECT count(*) FROM global_activity_runs").fetchone() == (1,)

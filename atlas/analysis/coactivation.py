@@ -12,17 +12,23 @@ merged give the statistics of the whole corpus. They round-trip through Arrow ta
 From them, with V_ij the virtual weight (`atlas.analysis.global_weights`):
     TWERA_ij = E[a_i a_j] / E[a_j] · V_ij      (target-weighted: the source's mean activation where the target fires)
     ERA_ij   = E[a_i] · V_ij
-(NaN where the target never fired: E[a_j] = 0.) This module computes; it reads no model and writes no store.
+(NaN, stored as NULL, where the target never fired: E[a_j] = 0.) `corpus_activity` runs a model over prompts to fill
+them (one process; the accumulator's merge is what Dask shards would use). This module writes no store.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import torch
 
 from atlas.analysis.global_weights import TopK
+from atlas.attribution.context import build_context
+from atlas.storage.global_weights import ACTIVITY_SCHEMA
+from atlas.transcoders.base import EncoderStack
 
 PAIR_CHUNK = 1 << 20  # pairs per product block in `add`
 
@@ -117,3 +123,43 @@ class CoactivationStats:
             torch.tensor(features.column("sum").to_numpy(), dtype=torch.float64),
             torch.tensor(pairs.column("sum").to_numpy(), dtype=torch.float64),
         )
+
+
+def pairs_table_ids(pairs: pa.Table, n_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global id pairs `(P, 2)` and virtual weights `(P,)` of a `stored_pairs` table."""
+    columns = {name: torch.tensor(pairs.column(name).to_numpy(), dtype=torch.long)
+               for name in ("source_layer", "source", "target_layer", "target")}  # fmt: skip
+    ids = torch.stack([columns["source_layer"] * n_features + columns["source"],
+                       columns["target_layer"] * n_features + columns["target"]], dim=1)  # fmt: skip
+    return ids, torch.tensor(pairs.column("v").to_numpy(), dtype=torch.float64)
+
+
+@torch.no_grad()
+def corpus_activity(
+    model: Any, transcoder: EncoderStack, prompts: Iterable[str], pairs: pa.Table,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[pa.Table, CoactivationStats]:  # fmt: skip
+    """Run every prompt once (BOS prepended and not counted), accumulate co-activations of `pairs` (a
+    `stored_pairs` table) and return their TWERA/ERA as an `ACTIVITY_SCHEMA` table, with the statistics."""
+    spec = transcoder.spec
+    ids, virtual = pairs_table_ids(pairs, spec.n_features)
+    order = torch.argsort(ids[:, 0] * spec.n_layers * spec.n_features + ids[:, 1])
+    ids, virtual = ids[order], virtual[order]
+    stats = CoactivationStats(ids, spec.n_layers * spec.n_features)
+    for done, text in enumerate(prompts, 1):
+        ctx = build_context(model, transcoder, model.tokenize(text)[0].cpu(), zero_positions=(0,))
+        stats.add(ctx.activations[:, 1:])
+        if progress:
+            progress(done)
+    twera, era = stats.weighted(virtual)
+    F = spec.n_features
+    table = pa.table(
+        {"source_layer": pa.array((ids[:, 0] // F).int().numpy(), pa.int32()),
+         "source": pa.array((ids[:, 0] % F).numpy(), pa.int64()),
+         "target_layer": pa.array((ids[:, 1] // F).int().numpy(), pa.int32()),
+         "target": pa.array((ids[:, 1] % F).numpy(), pa.int64()),
+         "twera": pa.array(twera.numpy(), pa.float64(), from_pandas=True),
+         "era": pa.array(era.numpy(), pa.float64())},
+        schema=ACTIVITY_SCHEMA,
+    )  # fmt: skip
+    return table, stats

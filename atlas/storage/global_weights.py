@@ -109,3 +109,62 @@ def read_global_weights(
         )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+ACTIVITY_SCHEMA = pa.schema(
+    [("source_layer", pa.int32()), ("source", pa.int64()), ("target_layer", pa.int32()), ("target", pa.int64()),
+     ("twera", pa.float64()), ("era", pa.float64())]
+)  # fmt: skip
+
+
+def stored_pairs(path: str | Path, transcoder_id: str, norm: str = "fold") -> pa.Table:
+    """Distinct feature pairs `(source_layer, source, target_layer, target, v)` of the stored feature rows."""
+    global_weight_run(path, transcoder_id, norm)  # a clear error when there is nothing stored
+    with duckdb.connect(str(path), read_only=True) as con:
+        return con.sql(
+            """
+            SELECT DISTINCT source_layer, source, target_layer, target, v FROM (
+              SELECT layer AS source_layer, feature::BIGINT AS source, partner_layer AS target_layer,
+                     partner AS target, v
+              FROM global_weights WHERE transcoder_id = ? AND norm = ? AND relation = 'feature_out'
+              UNION ALL
+              SELECT partner_layer, partner, layer, feature::BIGINT, v
+              FROM global_weights WHERE transcoder_id = ? AND norm = ? AND relation = 'feature_in')
+            ORDER BY ALL
+            """,
+            params=[transcoder_id, norm, transcoder_id, norm],
+        ).to_arrow_table()
+
+
+def write_activity(
+    path: str | Path, table: pa.Table, *, transcoder_id: str, norm: str, corpus: str, n_tokens: int
+) -> None:
+    """Set `twera` / `era` of every stored feature row from `table` (`ACTIVITY_SCHEMA`, one row per pair).
+
+    Replaces the previous activity of (transcoder_id, norm) in one snapshot: rows of pairs not in `table` go back to
+    NULL, and `global_activity_runs` records the corpus and its token count.
+    """
+    if not table.schema.equals(ACTIVITY_SCHEMA, check_metadata=False):
+        raise GlobalWeightsStoreError(f"activity table has schema {table.schema}, not {ACTIVITY_SCHEMA}")
+    global_weight_run(path, transcoder_id, norm)
+    with FeatureStatsStore(path).snapshot() as con:
+        key = [transcoder_id, norm]
+        con.execute("UPDATE global_weights SET twera = NULL, era = NULL WHERE transcoder_id = ? AND norm = ?", key)
+        con.register("activity", table)
+        con.execute(
+            "UPDATE global_weights g SET twera = a.twera, era = a.era FROM activity a WHERE g.transcoder_id = ? AND"
+            " g.norm = ? AND g.relation = 'feature_out' AND g.layer = a.source_layer AND g.feature = a.source AND"
+            " g.partner_layer = a.target_layer AND g.partner = a.target",
+            key,
+        )
+        con.execute(
+            "UPDATE global_weights g SET twera = a.twera, era = a.era FROM activity a WHERE g.transcoder_id = ? AND"
+            " g.norm = ? AND g.relation = 'feature_in' AND g.layer = a.target_layer AND g.feature = a.target AND"
+            " g.partner_layer = a.source_layer AND g.partner = a.source",
+            key,
+        )
+        con.unregister("activity")
+        con.execute("CREATE TABLE IF NOT EXISTS global_activity_runs (transcoder_id VARCHAR, norm VARCHAR,"
+                    " corpus VARCHAR, n_tokens BIGINT)")  # fmt: skip
+        con.execute("DELETE FROM global_activity_runs WHERE transcoder_id = ? AND norm = ?", key)
+        con.execute("INSERT INTO global_activity_runs VALUES (?, ?, ?, ?)", [*key, corpus, n_tokens])
