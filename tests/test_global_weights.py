@@ -279,3 +279,31 @@ def test_cli_stores_global_weights_idempotently_and_refuses_bad_input(tmp_path: 
     empty = runner.invoke(app, [*show[:4], "--stats-db", str(tmp_path / "none.duckdb"), "--feature", "0/0"])
     assert empty.exit_code == 2 and "no statistics database" in empty.output, empty.output
     assert not (tmp_path / "none.duckdb").exists()
+
+
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_a_planted_circuit_has_the_largest_global_weights(kind: str) -> None:
+    """Plant (0, 2) → (2, 4) → (3, 1): layer-0 feature 2 writes along the direction feature (2, 4) reads, which
+    writes along what (3, 1) reads; every other weight is small. The planted pairs top their features' lists."""
+    torch.manual_seed(5)
+    transcoder = build_transcoder(TranscoderSpec(kind=kind, n_layers=L, d_model=D, n_features=F))  # type: ignore[arg-type]
+    readers = tiny_readers(True)
+    u, w = torch.zeros(D), torch.zeros(D)
+    u[0], w[1] = 1.0, 1.0
+    with torch.no_grad():
+        for param in transcoder.parameters():
+            param.normal_(0, 0.05)
+        transcoder.W_enc[2, 4] = u * 3 / readers.mlp_in[2].weight  # type: ignore[operator]
+        transcoder.W_enc[3, 1] = w * 3 / readers.mlp_in[3].weight  # type: ignore[operator]
+        if kind == "plt":
+            transcoder.W_dec[0, 2] += 3 * u
+            transcoder.W_dec[2, 4] += 3 * w
+        else:
+            transcoder.W_dec[0][2, 0] += 3 * u  # writes into MLP output 0: read by layers 1…3
+            transcoder.W_dec[2][4, 0] += 3 * w
+    incoming, outgoing = feature_topk(transcoder, readers, 3, tile=2)
+    a, b, c = 0 * F + 2, 2 * F + 4, 3 * F + 1
+    assert int(outgoing.partners[a, 0]) == b and int(incoming.partners[b, 0]) == a
+    assert int(outgoing.partners[b, 0]) == c and int(incoming.partners[c, 0]) == b
+    strongest = outgoing.values[:, 0].abs().topk(2).indices.tolist()
+    assert sorted(strongest) == sorted([a, b]), "the two planted edges are the largest in the dictionary"
