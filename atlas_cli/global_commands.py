@@ -1,4 +1,4 @@
-"""`atlas global weights`, `twera` and `show`: input-independent global weights of a dictionary, into DuckDB.
+"""`atlas global weights`, `twera`, `show` and `compare`: input-independent global weights of a dictionary, into DuckDB.
 
     atlas global weights --transcoders runs/demo/transcoders --k 64          # every feature's top-64, stored
     atlas global twera --transcoders runs/demo/transcoders --corpus prompts.txt   # TWERA / ERA over a corpus
@@ -177,6 +177,48 @@ def twera(
         fail(err)
     console.print(f"TWERA/ERA of {table.num_rows} feature pairs over {len(texts)} prompts ({stats.n_tokens} tokens)"
                   f" stored in {path}")  # fmt: skip
+
+
+@global_app.command("compare")
+def compare(
+    transcoders: Annotated[Path, typer.Option(help="Transcoder directory (circuit-tracer format).")],
+    norm: Annotated[str, typer.Option(help="Which stored global weights: fold | ignore.")] = "fold",
+    stats_db: Annotated[Path | None, typer.Option(help="DuckDB statistics file (default: $ATLAS_STATS_DB).")] = None,
+) -> None:
+    """Spearman of the corpus's mean attribution (AGG_EDGE) against V and TWERA, over the pairs stored in both."""
+    from neo4j import GraphDatabase
+
+    from atlas.analysis.global_vs_empirical import compare as compare_rows
+    from atlas.analysis.global_vs_empirical import parse_feature_key
+    from atlas.config import stats_db_path
+    from atlas.storage.aggregate import aggregate_rows
+    from atlas.storage.global_weights import stored_pairs
+    from atlas.storage.neo4j_server import Neo4jServerError
+    from atlas.transcoders import transcoder_identity
+    from ingest.pipeline import open_connection
+
+    errors: tuple[type[BaseException], ...] = (*_errors(), Neo4jServerError)
+    try:
+        transcoder_id = transcoder_identity(transcoders).id
+        pairs = stored_pairs(stats_db or stats_db_path(), transcoder_id, norm).to_pylist()
+        connection = open_connection(None)
+        driver = GraphDatabase.driver(connection.uri, auth=(connection.user, connection.password))
+        try:
+            aggregates = aggregate_rows(driver, connection.database, transcoder=transcoder_id)
+        finally:
+            driver.close()
+    except errors as err:
+        fail(err)
+    result = compare_rows(
+        (((r["source_layer"], r["source"], r["target_layer"], r["target"]), r["v"], r["twera"]) for r in pairs),
+        (((*parse_feature_key(a.source_key), *parse_feature_key(a.target_key)), a.mean_weight)
+         for a in aggregates if a.target_kind == "feature"),
+    )  # fmt: skip
+    console.print(
+        f"{result.n_matched} pairs in both ({result.n_global_pairs} stored global, {result.n_empirical_pairs}"
+        f" aggregated): Spearman(mean attribution, V) {result.spearman_v:.3f}; with TWERA ({result.n_with_twera}"
+        f" pairs) {result.spearman_twera:.3f}"
+    )
 
 
 def register(app: typer.Typer) -> None:

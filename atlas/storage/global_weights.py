@@ -118,17 +118,17 @@ ACTIVITY_SCHEMA = pa.schema(
 
 
 def stored_pairs(path: str | Path, transcoder_id: str, norm: str = "fold") -> pa.Table:
-    """Distinct feature pairs `(source_layer, source, target_layer, target, v)` of the stored feature rows."""
+    """Distinct feature pairs `(source_layer, source, target_layer, target, v, twera)` of the stored feature rows."""
     global_weight_run(path, transcoder_id, norm)  # a clear error when there is nothing stored
     with duckdb.connect(str(path), read_only=True) as con:
         return con.sql(
             """
-            SELECT DISTINCT source_layer, source, target_layer, target, v FROM (
+            SELECT DISTINCT source_layer, source, target_layer, target, v, twera FROM (
               SELECT layer AS source_layer, feature::BIGINT AS source, partner_layer AS target_layer,
-                     partner AS target, v
+                     partner AS target, v, twera
               FROM global_weights WHERE transcoder_id = ? AND norm = ? AND relation = 'feature_out'
               UNION ALL
-              SELECT partner_layer, partner, layer, feature::BIGINT, v
+              SELECT partner_layer, partner, layer, feature::BIGINT, v, twera
               FROM global_weights WHERE transcoder_id = ? AND norm = ? AND relation = 'feature_in')
             ORDER BY ALL
             """,
