@@ -1,8 +1,10 @@
-"""`atlas global weights`, `twera`, `show` and `compare`: input-independent global weights of a dictionary, into DuckDB.
+"""`atlas global …`: input-independent global weights of a dictionary into DuckDB (and optionally Neo4j).
 
     atlas global weights --transcoders runs/demo/transcoders --k 64          # every feature's top-64, stored
     atlas global twera --transcoders runs/demo/transcoders --corpus prompts.txt   # TWERA / ERA over a corpus
     atlas global show --transcoders runs/demo/transcoders --feature 3/17     # one feature's stored partners
+    atlas global compare --transcoders runs/demo/transcoders     # Spearman vs the stored AGG_EDGE mean attribution
+    atlas global neo4j --transcoders runs/demo/transcoders       # GLOBAL_WEIGHT relationships between stored Features
 
 The dictionary is checked against the model before anything loads (layer count, width, the model it was trained on);
 the whole result is computed before the store is touched, and written by snapshot swap, replacing the previous rows
@@ -219,6 +221,39 @@ def compare(
         f" aggregated): Spearman(mean attribution, V) {result.spearman_v:.3f}; with TWERA ({result.n_with_twera}"
         f" pairs) {result.spearman_twera:.3f}"
     )
+
+
+@global_app.command("neo4j")
+def neo4j_relationships(
+    transcoders: Annotated[Path, typer.Option(help="Transcoder directory (circuit-tracer format).")],
+    norm: Annotated[str, typer.Option(help="Which stored global weights: fold | ignore.")] = "fold",
+    stats_db: Annotated[Path | None, typer.Option(help="DuckDB statistics file (default: $ATLAS_STATS_DB).")] = None,
+) -> None:
+    """Copy the stored feature → feature global weights (with TWERA/ERA) to Neo4j as GLOBAL_WEIGHT (replaced)."""
+    from neo4j import GraphDatabase
+
+    from atlas.config import stats_db_path
+    from atlas.storage.global_weights import feature_rows, write_global_weight_relationships
+    from atlas.storage.neo4j_server import Neo4jServerError
+    from atlas.transcoders import transcoder_identity
+    from ingest.pipeline import open_connection
+
+    errors: tuple[type[BaseException], ...] = (*_errors(), Neo4jServerError)
+    try:
+        transcoder_id = transcoder_identity(transcoders).id
+        rows = feature_rows(stats_db or stats_db_path(), transcoder_id, norm)
+        connection = open_connection(None)
+        driver = GraphDatabase.driver(connection.uri, auth=(connection.user, connection.password))
+        try:
+            created = write_global_weight_relationships(
+                driver, rows, transcoder_id=transcoder_id, norm=norm, database=connection.database
+            )
+        finally:
+            driver.close()
+    except errors as err:
+        fail(err)
+    console.print(f"{created} GLOBAL_WEIGHT relationships of {len(rows)} stored pairs (the others have an endpoint"
+                  " no stored prompt activated)")  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

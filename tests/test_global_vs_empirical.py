@@ -14,7 +14,7 @@ from atlas.analysis.global_vs_empirical import compare, parse_feature_key, ranks
 from atlas.attribution.engine import AttributionConfig, attribute
 from atlas.models import load_model
 from atlas.storage.aggregate import aggregate_rows
-from atlas.storage.global_weights import stored_pairs
+from atlas.storage.global_weights import feature_rows, stored_pairs
 from atlas.storage.neo4j_server import Neo4jConnection
 from atlas.storage.neo4j_writer import GraphWriter
 from atlas.transcoders import save_transcoder, transcoder_identity
@@ -97,6 +97,28 @@ def test_cli_compare_on_a_stored_corpus(
         assert f"{expected.n_matched} pairs in both" in result.output
         assert f"Spearman(mean attribution, V) {expected.spearman_v:.3f}" in result.output
         assert f"with TWERA ({expected.n_with_twera} pairs) {expected.spearman_twera:.3f}" in result.output
+
+        rows = feature_rows(db, transcoder_id)
+        stored = {(r["layer"], r["feature"], r["partner_layer"], r["partner"]): r for r in rows}
+        features = {parse_feature_key(r[0]) for r in neo4j_driver.execute_query(
+            "MATCH (f:Feature {transcoder: $tc}) RETURN f.key", tc=transcoder_id,
+            database_=neo4j_connection.database).records}  # fmt: skip
+        linkable = [k for k in stored if k[:2] in features and k[2:] in features]
+        assert linkable, "pairs between Features the prompts activated"
+        for attempt in range(2):  # a re-run replaces, never duplicates
+            pushed = runner.invoke(app, ["global", "neo4j", *common])
+            assert pushed.exit_code == 0 and f"{len(linkable)} GLOBAL_WEIGHT" in pushed.output, pushed.output
+            records = neo4j_driver.execute_query(
+                "MATCH (f:Feature {transcoder: $tc})-[g:GLOBAL_WEIGHT]->(t:Feature) RETURN f.key AS s, t.key AS t, "
+                "g.norm AS norm, g.rank AS rank, g.v AS v, g.twera AS twera, g.era AS era",
+                tc=transcoder_id, database_=neo4j_connection.database,
+            ).records  # fmt: skip
+            assert len(records) == len(linkable), attempt
+            for record in records:
+                row = stored[(*parse_feature_key(record["s"]), *parse_feature_key(record["t"]))]
+                assert record["norm"] == "fold"
+                assert (record["rank"], record["v"], record["twera"], record["era"]) == (
+                    row["rank"], row["v"], row["twera"], row["era"])  # fmt: skip
     finally:
         for pid in prompt_ids:
             writer.delete_prompt(pid)

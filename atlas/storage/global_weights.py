@@ -8,7 +8,9 @@ Tables (in the same file as the feature statistics, written by snapshot swap lik
 - `global_weight_runs (transcoder_id, norm, model, k, n_layers, n_features)`: what produced the rows.
 
 Writing replaces every row of the same (transcoder_id, norm) in one snapshot, so a re-run stores the same result
-and a failure (bad table, crash) leaves the live file as it was. This module stores and reads; it computes nothing.
+and a failure (bad table, crash) leaves the live file as it was. Optionally the `feature_out` rows also go to Neo4j as
+`(:Feature)-[:GLOBAL_WEIGHT {norm, rank, v, twera, era}]->(:Feature)` between Features already stored, replaced
+per (dictionary, norm) in one transaction. This module stores and reads; it computes nothing.
 """
 
 from __future__ import annotations
@@ -168,3 +170,59 @@ def write_activity(
                     " corpus VARCHAR, n_tokens BIGINT)")  # fmt: skip
         con.execute("DELETE FROM global_activity_runs WHERE transcoder_id = ? AND norm = ?", key)
         con.execute("INSERT INTO global_activity_runs VALUES (?, ?, ?, ?)", [*key, corpus, n_tokens])
+
+
+REL_GLOBAL_WEIGHT = "GLOBAL_WEIGHT"
+
+
+def feature_rows(path: str | Path, transcoder_id: str, norm: str = "fold") -> list[dict[str, Any]]:
+    """The stored `feature_out` rows of (transcoder_id, norm): layer, feature, rank, partner_layer, partner, v, twera,
+    era."""
+    global_weight_run(path, transcoder_id, norm)
+    with duckdb.connect(str(path), read_only=True) as con:
+        cursor = con.execute(
+            "SELECT layer, feature, rank, partner_layer, partner, v, twera, era FROM global_weights WHERE"
+            " transcoder_id = ? AND norm = ? AND relation = 'feature_out' ORDER BY layer, feature, rank",
+            [transcoder_id, norm],
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def write_global_weight_relationships(
+    driver: Any, rows: list[dict[str, Any]], *, transcoder_id: str, norm: str, database: str = "neo4j",
+    batch: int = 5000,
+) -> int:  # fmt: skip
+    """Replace `(:Feature)-[:GLOBAL_WEIGHT {norm, rank, v, twera, era}]->(:Feature)` of (transcoder_id, norm) by
+    `rows` (`feature_rows`), in one transaction; returns the relationships created.
+
+    Only Features already in the store (active in some stored prompt) are connected: no Feature node is created, so
+    pairs with an endpoint never seen in a prompt are left out. A re-run gives the same relationships.
+    """
+    from atlas.attribution.graph import feature_key
+
+    records = [
+        {"s": feature_key(transcoder_id, r["layer"], r["feature"]),
+         "t": feature_key(transcoder_id, r["partner_layer"], r["partner"]),
+         "rank": r["rank"], "v": r["v"], "twera": r["twera"], "era": r["era"]}
+        for r in rows
+    ]  # fmt: skip
+
+    def work(tx: Any) -> int:
+        tx.run(
+            f"MATCH (f:Feature {{transcoder: $tc}})-[g:{REL_GLOBAL_WEIGHT} {{norm: $norm}}]->() DELETE g",
+            tc=transcoder_id, norm=norm,
+        ).consume()  # fmt: skip
+        created = 0
+        for start in range(0, len(records), batch):
+            result = tx.run(
+                f"UNWIND $rows AS r MATCH (f:Feature {{key: r.s}}) MATCH (t:Feature {{key: r.t}}) "
+                f"CREATE (f)-[:{REL_GLOBAL_WEIGHT} {{norm: $norm, rank: r.rank, v: r.v, twera: r.twera, "
+                f"era: r.era}}]->(t) RETURN count(*) AS n",
+                rows=records[start : start + batch], norm=norm,
+            )  # fmt: skip
+            created += int(result.single()["n"])
+        return created
+
+    with driver.session(database=database) as session:
+        return int(session.execute_write(work))
