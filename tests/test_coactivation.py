@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow.parquet as pq
 import pytest
 import torch
+from neo4j import Driver
 from typer.testing import CliRunner
 
 from atlas.analysis.coactivation import CoactivationError, CoactivationStats, pairs_from_topk
 from atlas.analysis.global_weights import TopK, dense_virtual_weights, feature_topk
 from atlas.attribution.context import build_context
 from atlas.models import load_model
+from atlas.storage.neo4j_server import Neo4jConnection
 from atlas.transcoders import save_transcoder
 from atlas_cli.main import app
 from tests.test_attribution import random_transcoder
@@ -185,3 +188,58 @@ def test_cli_fills_twera_from_a_corpus_idempotently(tmp_path: Path) -> None:
             == rows
         )
         assert con.execute("SELECT count(*) FROM global_activity_runs").fetchone() == (1,)
+
+
+def test_ingest_accumulates_co_activations_and_merges_its_shards(
+    tmp_path: Path, neo4j_driver: Driver, neo4j_connection: Neo4jConnection
+) -> None:
+    """With global weights stored, an ingest (one prompt per shard, so several shards merge) fills TWERA/ERA equal
+    to one accumulator over the same prompts; a rerun (nothing left to compute) merges the same shards again."""
+    from atlas.analysis.coactivation import corpus_activity
+    from atlas.analysis.global_weights import global_weights, residual_readers, to_table
+    from atlas.storage.global_weights import replace_global_weights, stored_pairs
+    from atlas.transcoders import load_transcoder, transcoder_identity
+    from ingest.pipeline import run_ingest
+    from tests.test_ingest import PROMPTS, delete_prompts, make_transcoders, options, prompt_ids, write_jsonl
+
+    directory = make_transcoders(tmp_path / "transcoders")
+    transcoder = load_transcoder(directory)
+    model = load_model("tiny-llama")
+    transcoder_id = transcoder_identity(directory).id
+    db = tmp_path / "stats.duckdb"
+    weights = global_weights(transcoder, residual_readers(model), 4)
+    replace_global_weights(db, to_table(weights, transcoder_id), transcoder_id=transcoder_id, norm="fold",
+                           model="tiny-llama", k=4, n_layers=2, n_features=transcoder.spec.n_features)  # fmt: skip
+    prompts = PROMPTS[:4]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", prompts)
+    opts = options(tmp_path, corpus, directory, None, workers=0, batch_prompts=1, stats_db=db)
+    report = run_ingest(opts, connection=neo4j_connection)
+    ids = prompt_ids(neo4j_driver, transcoder_id)
+    try:
+        assert report.computed == len(prompts)
+        assert len(list((tmp_path / "runs" / "test" / "shards").glob("*/coact-*"))) == len(prompts)
+        expected, stats = corpus_activity(
+            model, transcoder, [text for text, _ in prompts], stored_pairs(db, transcoder_id)
+        )
+        wanted = {tuple(r[k] for k in ("source_layer", "source", "target_layer", "target")): (r["twera"], r["era"])
+                  for r in expected.to_pylist()}  # fmt: skip
+
+        def stored() -> tuple[list[tuple[Any, ...]], Any]:
+            with duckdb.connect(str(db), read_only=True) as con:
+                rows = con.execute("SELECT layer, feature, partner_layer, partner, twera, era FROM global_weights "
+                                   "WHERE relation = 'feature_out' ORDER BY ALL").fetchall()  # fmt: skip
+                return rows, con.execute("SELECT n_tokens FROM global_activity_runs").fetchall()
+
+        rows, runs = stored()
+        assert runs == [(stats.n_tokens,)] and stats.n_tokens == sum(len(model.tokenize(t)[0]) - 1 for t, _ in prompts)
+        for layer, feature, partner_layer, partner, twera, era in rows:
+            want_twera, want_era = wanted[(layer, feature, partner_layer, partner)]
+            assert era == pytest.approx(want_era, rel=1e-12, abs=1e-15)
+            assert (twera is None) == (want_twera is None)
+            if twera is not None:
+                assert twera == pytest.approx(want_twera, rel=1e-12, abs=1e-15)
+        again = run_ingest(opts, connection=neo4j_connection)
+        assert again.computed == 0
+        assert stored() == (rows, runs)
+    finally:
+        delete_prompts(neo4j_driver, ids)

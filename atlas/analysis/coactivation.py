@@ -126,12 +126,14 @@ class CoactivationStats:
 
 
 def pairs_table_ids(pairs: pa.Table, n_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global id pairs `(P, 2)` and virtual weights `(P,)` of a `stored_pairs` table."""
+    """Global id pairs `(P, 2)`, sorted by (source, target), and virtual weights `(P,)` of a `stored_pairs` table."""
     columns = {name: torch.tensor(pairs.column(name).to_numpy(), dtype=torch.long)
                for name in ("source_layer", "source", "target_layer", "target")}  # fmt: skip
     ids = torch.stack([columns["source_layer"] * n_features + columns["source"],
                        columns["target_layer"] * n_features + columns["target"]], dim=1)  # fmt: skip
-    return ids, torch.tensor(pairs.column("v").to_numpy(), dtype=torch.float64)
+    virtual = torch.tensor(pairs.column("v").to_numpy(), dtype=torch.float64)
+    order = torch.argsort(ids[:, 0] * (int(ids.max()) + 1 if ids.numel() else 1) + ids[:, 1])
+    return ids[order], virtual[order]
 
 
 @torch.no_grad()
@@ -143,23 +145,26 @@ def corpus_activity(
     `stored_pairs` table) and return their TWERA/ERA as an `ACTIVITY_SCHEMA` table, with the statistics."""
     spec = transcoder.spec
     ids, virtual = pairs_table_ids(pairs, spec.n_features)
-    order = torch.argsort(ids[:, 0] * spec.n_layers * spec.n_features + ids[:, 1])
-    ids, virtual = ids[order], virtual[order]
     stats = CoactivationStats(ids, spec.n_layers * spec.n_features)
     for done, text in enumerate(prompts, 1):
         ctx = build_context(model, transcoder, model.tokenize(text)[0].cpu(), zero_positions=(0,))
         stats.add(ctx.activations[:, 1:])
         if progress:
             progress(done)
+    table = activity_table(stats, virtual, spec.n_features)
+    return table, stats
+
+
+def activity_table(stats: CoactivationStats, virtual: torch.Tensor, n_features: int) -> pa.Table:
+    """`ACTIVITY_SCHEMA` rows (TWERA NULL where the target never fired) from statistics and their pairs' V `(P,)`."""
     twera, era = stats.weighted(virtual)
-    F = spec.n_features
-    table = pa.table(
-        {"source_layer": pa.array((ids[:, 0] // F).int().numpy(), pa.int32()),
-         "source": pa.array((ids[:, 0] % F).numpy(), pa.int64()),
-         "target_layer": pa.array((ids[:, 1] // F).int().numpy(), pa.int32()),
-         "target": pa.array((ids[:, 1] % F).numpy(), pa.int64()),
+    ids = stats.pairs
+    return pa.table(
+        {"source_layer": pa.array((ids[:, 0] // n_features).int().numpy(), pa.int32()),
+         "source": pa.array((ids[:, 0] % n_features).numpy(), pa.int64()),
+         "target_layer": pa.array((ids[:, 1] // n_features).int().numpy(), pa.int32()),
+         "target": pa.array((ids[:, 1] % n_features).numpy(), pa.int64()),
          "twera": pa.array(twera.numpy(), pa.float64(), from_pandas=True),
          "era": pa.array(era.numpy(), pa.float64())},
         schema=ACTIVITY_SCHEMA,
     )  # fmt: skip
-    return table, stats
