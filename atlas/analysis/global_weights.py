@@ -24,8 +24,10 @@ is only the direct residual path. Positional embeddings and biases are constants
 Scale: features are numbered globally, `id = layer · F + feature`. The dense (L·F)² matrix is never built: for each
 source layer i and target layer j > i the block C_ij · R_jᵀ is computed in tiles of at most `tile × tile`, each
 tile's row-wise and column-wise top-k merged into running top-k states, one per feature and direction. Memory is
-O(L·F·k + tile² + F·d); work is Σ_{i<j} F²·d. Top-k ranks by |V| and keeps the sign; partners are −1 where a feature
-has fewer than k candidates (layer-0 features have no incoming feature weights, last-layer ones no outgoing).
+O(L·F·k + tile² + L·F·d): the top-k states, one tile, every layer's read vectors and one source layer's decoders (no
+more than the weights being read); work is Σ_{i<j} F²·d. Top-k ranks by |V| and keeps the sign; partners are −1
+where a feature has fewer than k candidates (layer-0 features have no incoming feature weights, last-layer ones
+no outgoing).
 Token and logit tables tile the vocabulary instead (outer loop; each tile's read vectors built once) and hold every
 layer's read or write vectors, `L·F·d` (the size of the encoder), plus one `ROW_TILE × vocab_tile` block.
 This module computes and lays rows out (`to_table`); it writes nothing (see `atlas.storage.global_weights`).
