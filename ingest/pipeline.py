@@ -16,12 +16,15 @@ Phases (each timed; the timings go into the report):
 6. logit effects + statistics: the transcoders' logit effects are written beside the statistics whenever the
    statistics database lacks them and the run has prompts of these transcoders, however they got to the stores
    (computed, resumed from shards, or already stored), so a rerun leaves the same tables as a clean run;
+   when the statistics hold global weights of the dictionary, the workers also accumulate co-activations of their
+   pairs and the shards of the run directory are merged into TWERA/ERA (`ingest.coactivation`);
 7. report: counts and timings, printed and written to `<run dir>/report.json`.
 
 Everything the run leaves is in its run directory (`shards/`, `ledger.jsonl`, `report.json`); the stores are the
 source of truth for what is done, so killing the run at any point and starting it again finishes the rest. A run
 that fails before any shard is finished removes the run directory it created.
-This module orchestrates: it computes no graph itself and writes to the stores only through `StoreLoader`.
+This module orchestrates: it computes no graph itself and writes to the stores only through `StoreLoader` (and
+`ingest.coactivation` for TWERA/ERA).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from atlas.storage.neo4j_writer import GraphWriter
 from atlas.transcoders.card import read_card
 from atlas.transcoders.hub import resolve_transcoders
 from atlas.transcoders.identity import transcoder_identity
+from ingest.coactivation import prepare_pairs, store_run
 from ingest.ledger import FAIL_INPUT, FAIL_PROMPT, FAIL_TASK, Ledger
 from ingest.loader import StoreLoader, retrying
 from ingest.preflight import check_inputs
@@ -329,7 +333,7 @@ def run_ingest(
 
     with phase("check"):  # milliseconds, before anything is read at length, started or created
         transcoder_dir = resolve_transcoders(options.transcoders)  # a path, or a published dictionary's reference
-        check_inputs(options.corpus, transcoder_dir, options.model)
+        header = check_inputs(options.corpus, transcoder_dir, options.model)
     with phase("read"):
         records, issues = read_corpus(options.corpus, text_field=options.text_field)
         dictionary = transcoder_identity(transcoder_dir)  # by weights and semantic config, not by path or name
@@ -351,6 +355,7 @@ def run_ingest(
     with _removed_on_failure(None if run_dir.exists() else run_dir, ledger):
         shard_root.mkdir(parents=True, exist_ok=True)
         state = ledger.read()
+        pairs_file = prepare_pairs(stats_path, transcoder_id, run_dir)  # None unless global weights are stored
         for issue in issues:
             ledger.failed(None, kind=FAIL_INPUT, error=issue.error, line=issue.line)
         with phase("connect"):
@@ -434,7 +439,7 @@ def run_ingest(
                 with phase("worker_setup"):
                     client.register_plugin(plugin, name=plugin.name)
                 _compute_and_load(options, client, plugin.name, identity, run, shard_root, todo, loader, ledger,
-                                  report, console, phase, on_shard)  # fmt: skip
+                                  report, console, phase, on_shard, pairs_file)  # fmt: skip
             effects = None
             # Every run that leaves prompts of these transcoders in the stores leaves their logit effects beside the
             # statistics, however its prompts got there: computed now, resumed from shards, or stored by a run that
@@ -444,6 +449,10 @@ def run_ingest(
                     effects = _logit_effects(client, plugin, transcoder_id, run_dir, options)
             with phase("load_stats"):
                 loader.flush_stats(logit_effects=effects)
+            if pairs_file is not None:
+                with phase("coactivation"):
+                    store_run(stats_path, transcoder_id, shard_root, pairs_file, header.n_layers, header.n_features,
+                              run)  # fmt: skip
             report.neo4j_retries = loader.retries
             timings["load_neo4j"] = loader.neo4j_seconds
             timings["load_stats_total"] = loader.stats_seconds
@@ -525,6 +534,7 @@ def _compute_and_load(
     console: Console,
     phase: _Phases,
     on_shard: Callable[[dict[str, Any]], None] | None,
+    pairs_file: Path | None = None,
 ) -> None:
     pending = list(todo.values())
     size = options.batch_prompts or balanced_batch(len(pending), max(1, report.workers))
@@ -532,7 +542,8 @@ def _compute_and_load(
     for start in range(0, len(pending), size):
         chunk = tuple(pending[start : start + size])
         key = batch_key([p.prompt_id for p in chunk])
-        specs[f"atlas-ingest-{key}"] = BatchSpec(key, str(shard_root), plugin, identity, run, chunk)
+        specs[f"atlas-ingest-{key}"] = BatchSpec(key, str(shard_root), plugin, identity, run, chunk,
+                                                 None if pairs_file is None else str(pairs_file))  # fmt: skip
     resources = {"GPU": 1} if options.gpu else None
     compute_started = time.perf_counter()
     with phase("compute_and_load"), _progress(console, options.progress) as progress:

@@ -52,6 +52,7 @@ class BatchSpec:
     identity: IngestIdentity
     run: str
     prompts: tuple[PromptItem, ...]
+    pairs_file: str | None = None  # co-activation pairs (`ingest.coactivation`): accumulate them too when set
 
 
 class PromptFailure(Exception):
@@ -194,6 +195,7 @@ def compute_batch(spec: BatchSpec) -> dict[str, Any]:
 
     from atlas.attribution.graph import EDGE_SCHEMA, NODE_SCHEMA
     from atlas.storage.feature_stats import FeatureStatsShard
+    from ingest.coactivation import COACTIVATION_PREFIX, read_pairs, write_shard
 
     final = Path(spec.shard_root) / spec.key
     if (final / SUMMARY_FILE).is_file():
@@ -205,6 +207,9 @@ def compute_batch(spec: BatchSpec) -> dict[str, Any]:
     torch.set_num_threads(plugin.torch_threads)
     transcoder = plugin.transcoder.spec
     stats = FeatureStatsShard(spec.identity.transcoder_id, transcoder.n_layers, transcoder.n_features)
+    coactivation = (
+        None if spec.pairs_file is None else read_pairs(spec.pairs_file, transcoder.n_layers, transcoder.n_features)
+    )
     timings = {"attribute": 0.0, "prune": 0.0, "stats_forward": 0.0, "stats": 0.0, "write": 0.0}
     nodes, edges, metas, done, failures = [], [], [], [], []
     for item in spec.prompts:
@@ -215,6 +220,8 @@ def compute_batch(spec: BatchSpec) -> dict[str, Any]:
             continue
         started = time.perf_counter()
         stats.add(item.prompt_id, token_strings, activations)
+        if coactivation is not None:
+            coactivation.add(activations[:, 1:])  # BOS (zeroed) is not a token of the corpus here
         timings["stats"] += time.perf_counter() - started
         nodes.append(n)
         edges.append(e)
@@ -247,6 +254,8 @@ def compute_batch(spec: BatchSpec) -> dict[str, Any]:
         stats_dir.mkdir()
         for name, table in stats.tables().items():
             pq.write_table(table, stats_dir / f"{name}.parquet")
+        if coactivation is not None:
+            write_shard(coactivation, tmp / f"{COACTIVATION_PREFIX}{spec.key}")
         timings["write"] = time.perf_counter() - started
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary))
         try:

@@ -368,7 +368,7 @@ class FeatureStatsStore:
                     actions[sid] = "inexact"
         if not renames and not drops:
             return actions
-        with self._snapshot() as con:
+        with self.snapshot() as con:
             con.execute("CREATE TABLE IF NOT EXISTS identity_merges (source VARCHAR, target VARCHAR, action VARCHAR)")
             tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
             data = [t for t in ("shard_counts", "shard_histogram", "shard_examples") if t in tables]
@@ -399,7 +399,7 @@ class FeatureStatsStore:
         return actions
 
     @contextlib.contextmanager
-    def _snapshot(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def snapshot(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A writable copy of the database, renamed over the live file when the block succeeds."""
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.unlink(missing_ok=True)
