@@ -12,10 +12,18 @@ Intervention mode (what is frozen), the same in every form:
 
 Two forms of the MLP output at a layer:
 - `replacement` (what validation uses): the local replacement model's MLP, `decode(features) + skip(x) + e·error`,
-  with the clean error vector frozen (`e = 1`) or ablated (`e = 0`) per variant. Without clamps it reproduces
-  the clean run exactly (the error is defined as the clean difference).
+  with the clean error vector frozen (`e = 1`) or ablated (`e = 0`) per variant. Computed as the clean MLP output
+  plus the decoded change of the features from their clean values, plus the skip's change, plus `(e − 1)·error`
+  (the same sum), so without clamps it reproduces the clean run exactly.
 - `real`: the real MLP plus the decoded change of the clamped features, exactly `interventions.py`'s
   `frozen_attention` run (tests check the batched engine against it variant by variant).
+
+Decoder writes are computed from the nonzero activation changes only (`sparse_writes`): a clamp changes few
+features, and decoding dense `(B, n_pos, F)` activations for every (source, output) layer pair cost as much as the
+model itself on a 30-layer CLT.
+
+Activations are reused: a variant equals the clean run below the first layer it changes, so variants are sorted by
+that layer and each chunk's forward starts there (`start_at_layer`) from the clean residual, cached once per call.
 
 The engine returns target values read at the final normalised residual (a `Target` direction: the demeaned
 logit for a vocabulary target) and, where asked, full-vocabulary logits at one position. It never changes model or
@@ -30,7 +38,8 @@ from typing import Any, Literal
 
 import torch
 
-from atlas.attribution.context import FINAL_RESIDUAL_HOOK, PromptContext, replay_freeze_hooks
+from atlas.attribution.context import FINAL_RESIDUAL_HOOK, PromptContext, mlp_output_with_skip, replay_freeze_hooks
+from atlas.transcoders.base import EncoderStack
 
 MlpForm = Literal["replacement", "real"]
 MLP_FORMS: tuple[str, ...] = ("replacement", "real")
@@ -106,26 +115,98 @@ def run_variants(
     _check(ctx, batch, form)
     if chunk_size < 1:
         raise EngineError(f"chunk_size must be at least 1, got {chunk_size}")
+    L, F = ctx.n_layers, ctx.transcoder.spec.n_features
+    if batch.n_variants == 0:
+        return EngineOutput(torch.zeros(0, ctx.n_pos, ctx.inputs.shape[-1]), torch.zeros(0, L, ctx.n_pos, F))
+    decoders = flat_decoders(ctx.transcoder)
+    clean = CleanRun.of(ctx)
+    first = first_changed_layers(batch)
+    order = first.argsort(stable=True)  # variants that change the same early layers share a chunk
     finals, acts = [], []
     for start in range(0, batch.n_variants, chunk_size):
-        out = _forward(ctx, batch.slice(start, start + chunk_size), form, freeze_norms)
+        members = order[start : start + chunk_size]
+        chunk = ClampBatch(batch.mask[members], batch.values[members], batch.error_scale[members])
+        out = _forward(ctx, chunk, form, freeze_norms, decoders, clean, int(first[members].min()))
         finals.append(out.final_residual)
         acts.append(out.activations)
-    if not finals:
-        L, F = ctx.n_layers, ctx.transcoder.spec.n_features
-        return EngineOutput(torch.zeros(0, ctx.n_pos, ctx.inputs.shape[-1]), torch.zeros(0, L, ctx.n_pos, F))
-    return EngineOutput(torch.cat(finals), torch.cat(acts))
+    inverse = order.argsort()
+    return EngineOutput(torch.cat(finals)[inverse], torch.cat(acts)[inverse])
 
 
-def _forward(ctx: PromptContext, batch: ClampBatch, form: str, freeze_norms: bool) -> EngineOutput:
+def first_changed_layers(batch: ClampBatch) -> torch.Tensor:
+    """`(B,)` the first layer each variant changes: its earliest clamped layer (`L` with no clamp), 0 when its
+    errors are scaled (that changes every layer). Below it the variant's run equals the clean run."""
+    B, L = batch.mask.shape[:2]
+    clamped = batch.mask.reshape(B, L, -1).any(-1)  # (B, L)
+    first = torch.where(clamped.any(-1), clamped.float().argmax(-1), torch.full((B,), L))
+    return torch.where(batch.error_scale != 1, torch.zeros_like(first), first)
+
+
+@dataclass
+class CleanRun:
+    """What a variant reuses of the clean run below its first changed layer."""
+
+    resid_pre: list[torch.Tensor]  # per layer, (1, n_pos, d) residual entering the block
+    live_activations: torch.Tensor  # (L, n_pos, F) encoded from the clean inputs, zeroed positions included
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, ctx: PromptContext) -> CleanRun:
+        names = {f"blocks.{layer}.hook_resid_pre" for layer in range(ctx.n_layers)}
+        tokens = ctx.tokens.view(1, -1).to(ctx.model.device)
+        _, cache = ctx.model.model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        live = torch.stack([ctx.transcoder.encode(layer, ctx.inputs[layer]).detach() for layer in range(ctx.n_layers)])
+        return cls([cache[f"blocks.{layer}.hook_resid_pre"] for layer in range(ctx.n_layers)], live)
+
+
+def flat_decoders(transcoder: EncoderStack) -> list[torch.Tensor]:
+    """Per source layer, its decoder as one matrix `(F, n_output_layers · d)` (output layers in order)."""
+    every = torch.arange(transcoder.spec.n_features)
+    return [
+        transcoder.decoder_vectors(layer, every).detach().reshape(transcoder.spec.n_features, -1)
+        for layer in range(transcoder.spec.n_layers)
+    ]
+
+
+def sparse_writes(
+    decoder: torch.Tensor, outputs: range, delta: torch.Tensor, pending: torch.Tensor, zeroed: list[int]
+) -> None:
+    """Add the decoder writes of `delta (B, n_pos, F)`, a change of one source layer's activations, into
+    `pending (B, n_pos, L, d)` at its `outputs` layers; `decoder (F, len(outputs) · d)` from `flat_decoders`.
+
+    A sparse-dense product over the nonzero changes only: a clamp changes few features, and a dense decode of
+    `(B, n_pos, F)` for every (source, output) layer pair cost as much as the model itself on a 30-layer CLT.
+    Zeroed positions are skipped."""
+    if zeroed:
+        delta = delta.clone()
+        delta[:, zeroed] = 0
+    B, P, F = delta.shape
+    rows = delta.reshape(B * P, F)
+    if not bool(rows.any()):
+        return
+    writes = torch.sparse.mm(rows.to_sparse(), decoder)  # (B·P, n_out·d)
+    flat = pending.view(B * P, *pending.shape[2:])
+    flat[:, outputs.start : outputs.stop] += writes.view(B * P, len(outputs), -1).to(pending.dtype)
+
+
+def _forward(
+    ctx: PromptContext,
+    batch: ClampBatch,
+    form: str,
+    freeze_norms: bool,
+    decoders: list[torch.Tensor],
+    clean: CleanRun,
+    start_layer: int,
+) -> EngineOutput:
+    """One forward of `batch`, starting at block `start_layer` from the clean residual (nothing below it changes)."""
     transcoder = ctx.transcoder
-    B, L = batch.n_variants, ctx.n_layers
+    B, L, P = batch.n_variants, ctx.n_layers, ctx.n_pos
     zeroed = list(ctx.zero_positions)
-    live: dict[int, torch.Tensor] = {}
     edited: dict[int, torch.Tensor] = {}
-    deltas: dict[int, torch.Tensor] = {}
+    live: dict[int, torch.Tensor] = {}
     captured: dict[str, torch.Tensor] = {}
-    error_scale = batch.error_scale.view(B, 1, 1)
+    pending = torch.zeros(B, P, L, ctx.inputs.shape[-1])  # decoded activation changes, by output layer
+    error_change = (batch.error_scale - 1).view(B, 1, 1)
 
     def read_input(layer: int) -> Any:
         def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -133,7 +214,11 @@ def _forward(ctx: PromptContext, batch: ClampBatch, form: str, freeze_norms: boo
             live[layer] = x
             current = transcoder.encode(layer, x).detach()
             new = clamp(current, batch.mask[:, layer], batch.values[:, layer])
-            edited[layer], deltas[layer] = new, new - current
+            edited[layer] = new
+            # real form: the change made by the clamps; replacement form: the change from the clean activations
+            reference = current if form == "real" else ctx.activations[layer]
+            outputs = transcoder.output_layers(layer)
+            sparse_writes(decoders[layer], outputs, new - reference, pending, [] if form == "real" else zeroed)
             return tensor
 
         return hook
@@ -141,12 +226,9 @@ def _forward(ctx: PromptContext, batch: ClampBatch, form: str, freeze_norms: boo
     def write_output(layer: int) -> Any:
         def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
             if form == "real":
-                sources = [deltas[source] for source in range(layer + 1)]
-                write = transcoder.decode_layer(layer, sources) - transcoder.b_dec[layer]
-                return tensor + write.detach().to(tensor.dtype)
-            sources = [edited[source] for source in range(layer + 1)]
-            out = transcoder.decode_layer(layer, sources, live[layer]).detach()
-            out = out + error_scale * ctx.errors[layer]
+                return tensor + pending[:, :, layer].to(tensor.dtype)
+            base = ctx.mlp_outputs[layer] + pending[:, :, layer] + error_change * ctx.errors[layer]
+            out = mlp_output_with_skip(ctx, layer, base, live[layer])
             if zeroed:
                 out[:, zeroed] = ctx.mlp_outputs[layer, zeroed]
             return out.to(tensor.dtype)
@@ -165,11 +247,19 @@ def _forward(ctx: PromptContext, batch: ClampBatch, form: str, freeze_norms: boo
     for layer in range(L):
         hooks += [(ctx.input_hook(layer), read_input(layer)), (ctx.output_hook(layer), write_output(layer))]
     hooks.append((FINAL_RESIDUAL_HOOK, read_final))
-    tokens = ctx.tokens.view(1, -1).expand(B, -1).to(ctx.model.device)
     with contextlib.suppress(_StopForward):
-        ctx.model.model.run_with_hooks(tokens, fwd_hooks=hooks)
+        if start_layer == 0:
+            tokens = ctx.tokens.view(1, -1).expand(B, -1).to(ctx.model.device)
+            ctx.model.model.run_with_hooks(tokens, fwd_hooks=hooks)
+        elif start_layer < L:
+            resid = clean.resid_pre[start_layer].expand(B, -1, -1)
+            ctx.model.model.run_with_hooks(resid, fwd_hooks=hooks, start_at_layer=start_layer)
+        else:  # no variant changes anything: the clean run
+            captured["final"] = ctx.final_residual.unsqueeze(0).expand(B, -1, -1).clone()
     if "final" not in captured:
         raise RuntimeError(f"the forward pass never reached {FINAL_RESIDUAL_HOOK}")
+    for layer in range(min(start_layer, L)):
+        edited[layer] = clean.live_activations[layer].unsqueeze(0).expand(B, -1, -1)
     return EngineOutput(captured["final"], torch.stack([edited[layer] for layer in range(L)], dim=1))
 
 
