@@ -4,6 +4,7 @@ circuit as ground truth, and bad input."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,3 +294,27 @@ def test_circuit_inactive_on_every_prompt_or_larger_than_the_active_set(
     everything = Circuit.of([(layer, f) for layer in range(2) for f in range(6)], transcoder)
     with pytest.raises(ValidationError, match="larger than the active set"):
         validate(model, transcoder, everything, ["xA"], TargetSpec.token("B"))
+
+
+def test_mean_activations_come_from_the_statistics_table(tmp_path: Path) -> None:
+    import duckdb
+
+    from ingest.validation import mean_activations
+
+    path = tmp_path / "feature_stats.duckdb"
+    assert mean_activations(path, "tc", 2, 3) is None  # no database: no mean-ablation
+    with duckdb.connect(str(path)) as con:
+        con.execute(
+            "CREATE TABLE feature_stats (transcoder_id VARCHAR, layer INTEGER, feature INTEGER, n_tokens BIGINT,"
+            " n_active BIGINT, frequency DOUBLE, mean_active DOUBLE, max_activation DOUBLE)"
+        )
+        con.execute(
+            "INSERT INTO feature_stats VALUES ('tc', 0, 1, 100, 10, 0.1, 2.0, 5.0), ('tc', 1, 2, 100, 0, 0.0, NULL,"
+            " NULL), ('other', 0, 0, 100, 50, 0.5, 1.0, 1.0), ('tc', 7, 0, 100, 50, 0.5, 1.0, 1.0)"
+        )
+    means = mean_activations(path, "tc", 2, 3)
+    assert means is not None
+    expected = torch.zeros(2, 3)
+    expected[0, 1] = 0.2  # frequency × mean when active = the mean over all tokens
+    assert torch.allclose(means, expected)
+    assert mean_activations(path, "missing", 2, 3) is None

@@ -269,3 +269,17 @@ def test_atlas_validate_reports_bad_input_in_one_line(
         assert result.exit_code == 2, result.output
         assert message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "validations.duckdb").exists()
+
+
+def test_the_query_library_finds_the_planted_path(neo4j_driver: Driver, stored: StoredPlanted) -> None:
+    from atlas.storage.queries import AtlasQueries
+
+    queries = AtlasQueries(neo4j_driver, stored.database)
+    ids = [stored.prompt_ids[name] for name in TEXTS]
+    rows = queries.paths_to_logits(None, ["B"], at_token="A", max_hops=3, prompt_ids=ids, limit=100).rows
+    hop1, hop2 = (f"{stored.transcoder_id}/{layer}/{f}" for layer, f in CIRCUIT)
+    for pid in ids:
+        mine = [r for r in rows if r.prompt_id == pid]
+        assert mine, pid
+        best = mine[0]  # strongest first
+        assert [n.key for n in best.nodes[:-1]] == [hop1, hop2] and best.nodes[-1].text == "B"
