@@ -318,3 +318,14 @@ def test_mean_activations_come_from_the_statistics_table(tmp_path: Path) -> None
     expected[0, 1] = 0.2  # frequency × mean when active = the mean over all tokens
     assert torch.allclose(means, expected)
     assert mean_activations(path, "missing", 2, 3) is None
+
+
+def test_overlap_measures_of_threshold_robustness() -> None:
+    from atlas.storage.robustness import jaccard, top_overlap
+
+    assert jaccard({"a", "b"}, {"b", "c"}) == pytest.approx(1 / 3)
+    assert jaccard([], []) == 1.0 and jaccard({"a"}, set()) == 0.0
+    reference = [("p", "x"), ("p", "y"), ("q", "z")]
+    assert top_overlap(reference, [("p", "y"), ("p", "x")], k=2) == 1.0  # order inside the top k does not matter
+    assert top_overlap(reference, [("q", "z"), ("p", "x")], k=2) == 0.5
+    assert top_overlap([], reference, k=3) == 1.0

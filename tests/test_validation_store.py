@@ -283,3 +283,42 @@ def test_the_query_library_finds_the_planted_path(neo4j_driver: Driver, stored: 
         assert mine, pid
         best = mine[0]  # strongest first
         assert [n.key for n in best.nodes[:-1]] == [hop1, hop2] and best.nodes[-1].text == "B"
+
+
+def test_the_planted_path_is_robust_to_the_weight_cut_off(neo4j_driver: Driver, stored: StoredPlanted) -> None:
+    from atlas.storage.queries import AtlasQueries, QueryError
+    from atlas.storage.robustness import path_robustness
+
+    queries = AtlasQueries(neo4j_driver, stored.database)
+    ids = [stored.prompt_ids[name] for name in TEXTS]
+    rows = path_robustness(queries, None, ["B"], at_token="A", prompt_ids=ids, min_weights=[0.5, 0.0, 0.1], top_k=3)
+    assert [r.min_abs_weight for r in rows] == [0.0, 0.1, 0.5]
+    assert rows[0].top_path_overlap == 1.0 and rows[0].feature_jaccard == 1.0
+    strong = path_robustness(queries, None, ["B"], at_token="A", prompt_ids=ids, min_weights=[0.0, 1.0], top_k=1)
+    assert strong[1].n_paths >= 3  # the planted paths' edges are all far above 1.0
+    assert strong[1].top_path_overlap == 1.0 and strong[1].feature_jaccard == 1.0
+    assert all(r.n_paths <= rows[0].n_paths for r in rows)
+    with pytest.raises(QueryError, match="at least two cut-offs"):
+        path_robustness(queries, None, ["B"], at_token="A", min_weights=[0.1])
+
+
+def test_atlas_paths_prints_the_stability_over_cut_offs(
+    stored: StoredPlanted, neo4j_connection: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from atlas_cli.main import app
+
+    for name, value in (("NEO4J_URI", "uri"), ("NEO4J_USER", "user"), ("NEO4J_PASSWORD", "password"),
+                        ("NEO4J_DATABASE", "database")):  # fmt: skip
+        monkeypatch.setenv(name, getattr(neo4j_connection, value))
+    args = ["paths", "--at-token", "A", "--target", "B", "--model", stored.model_key, "--cut-off", "1.0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "stability against the loosest cut-off" in result.output
+    lines = [line for line in result.output.splitlines() if line.strip().startswith("│ 1 ")]
+    assert len(lines) == 2  # the strongest path and the 1.0 cut-off's stability row
+    assert "L0/0@" in lines[0] and "L1/0@" in lines[0] and "'B'" in lines[0]  # the planted path ranks first
+    cells = [c.strip() for c in lines[1].strip("│ ").split("│")]
+    n_paths, kept, jaccard_value = int(cells[1]), float(cells[3].rstrip("%")), float(cells[4])
+    assert n_paths > 0 and 0 < kept <= 100 and 0 < jaccard_value <= 1  # weaker paths drop out, the planted stay
