@@ -329,3 +329,35 @@ def test_overlap_measures_of_threshold_robustness() -> None:
     assert top_overlap(reference, [("p", "y"), ("p", "x")], k=2) == 1.0  # order inside the top k does not matter
     assert top_overlap(reference, [("q", "z"), ("p", "x")], k=2) == 0.5
     assert top_overlap([], reference, k=3) == 1.0
+
+
+# --- SHIFT-style edits -------------------------------------------------------------------------------------------
+def test_an_edit_removes_the_planted_behaviour_and_spares_the_controls(
+    planted: tuple[LoadedModel, PerLayerTranscoder],
+) -> None:
+    from atlas.validation.edits import FeatureEdit, apply_edit, kl_divergence
+
+    model, transcoder = planted
+    edit = FeatureEdit(CIRCUIT, "ablate", label="planted")
+    assert FeatureEdit.from_json(edit.to_json()) == edit
+    target = [("xyzA", "B"), ("qA", "B"), ("hello A", "B")]
+    control = ["xyz", "hello", "mmmm"]  # no 'A': the circuit never fires, nothing may change
+    report = apply_edit(model, transcoder, edit, target, control, max_new_tokens=3)
+    assert report.accuracy(after=False) == 1.0 and report.accuracy(after=True) == 0.0  # 'B' is top-1, then not
+    assert report.target_logit_change < -3.0
+    assert all(p.answer_prob_change < -0.1 and p.kl > 0.01 for p in report.target)
+    assert report.control_kl == pytest.approx(0.0, abs=1e-9) and report.control_top1_agreement == 1.0
+    assert len(report.generations) == 2
+    prompt, before, after = report.generations[0]
+    assert prompt == "xyzA" and before.startswith("B") and not after.startswith("B")
+    scaled = apply_edit(model, transcoder, FeatureEdit(CIRCUIT, "scale", 2.0), target[:1], [], n_generations=0)
+    assert scaled.target_logit_change > 0  # doubling the hops strengthens 'B'
+    assert kl_divergence(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])) == 0.0
+    with pytest.raises(ValidationError, match="target prompt set is empty"):
+        apply_edit(model, transcoder, edit, [], control)
+    with pytest.raises(ValidationError, match="unknown feature 5/0"):
+        apply_edit(model, transcoder, FeatureEdit(((5, 0),)), target, control)
+    with pytest.raises(ValidationError, match="not a single token"):
+        apply_edit(model, transcoder, edit, [("xA", "BC")], control)
+    with pytest.raises(ValidationError, match="at least one feature"):
+        FeatureEdit(())
