@@ -20,8 +20,10 @@ columns as the node) and `validation_prompts` (one row per (validation, prompt))
 Atomicity: the DuckDB rows are inserted inside an open DuckDB transaction; the Neo4j node and its relationships
 are created in one Neo4j transaction (which first checks that every feature and prompt exists, and raises naming
 the missing ones); only when that commits is the DuckDB transaction committed. If Neo4j fails, DuckDB rolls back; if
-the DuckDB commit fails, the committed Validation node is deleted again. A process killed in between leaves an
-uncommitted transaction on each side, which both databases discard. This module runs no model.
+the DuckDB commit fails, the committed Validation node is deleted again. A process killed before the Neo4j commit
+leaves an uncommitted transaction on each side, which both databases discard; one killed in the short window between
+the Neo4j commit and the DuckDB commit leaves a complete Validation node in Neo4j with no DuckDB rows (never a
+partial node). This module runs no model.
 """
 
 from __future__ import annotations
