@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from atlas_cli import app_command, core, global_commands, ingest_commands, label_commands, query_commands
+from atlas_cli import (
+    app_command,
+    core,
+    global_commands,
+    ingest_commands,
+    label_commands,
+    query_commands,
+    validate_command,
+)
 
 app = typer.Typer(help="circuit-atlas: attribution graphs of language models at corpus scale.", no_args_is_help=True)
 
@@ -18,7 +26,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log ever
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
 
 
-for stage in (core, ingest_commands, query_commands, global_commands, label_commands, app_command):
+for stage in (core, ingest_commands, query_commands, validate_command, global_commands, label_commands, app_command):
     stage.register(app)
 
 

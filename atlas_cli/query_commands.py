@@ -58,6 +58,10 @@ def paths(
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="Paths returned, strongest first.")] = 25,
     model: Annotated[str | None, typer.Option(help="Only tokens of this model (default: any).")] = None,
     timeout: Annotated[float, typer.Option(min=0.1, help="Server-side timeout of each statement, seconds.")] = 30.0,
+    cut_off: Annotated[
+        list[float] | None,
+        typer.Option("--cut-off", min=0.0, help="Also rerun at these |weight| cut-offs and show how stable it is."),
+    ] = None,
 ) -> None:
     """Strongest attribution paths across stored prompts, from source features (or the features on an input token)
     to logit targets; prints the features on the token, the ranked paths, and the features the paths pass through."""
@@ -78,6 +82,12 @@ def paths(
                 Console().print(table)
             result = q.paths_to_logits(feature or None, target, max_hops=hops, min_abs_weight=min_weight, limit=limit,
                                        model=model, at_token=at_token)  # fmt: skip
+            stability = None
+            if cut_off:
+                from atlas.storage.robustness import path_robustness
+
+                stability = path_robustness(q, feature or None, target, min_weights=[min_weight, *cut_off],
+                                            max_hops=hops, limit=limit, at_token=at_token)  # fmt: skip
             ids = sorted({r.prompt_id for r in result.rows})
             texts = {p.prompt_id: p.text for p in q.list_prompts(prompt_ids=ids, limit=10_000).rows} if ids else {}
     except QueryError as err:
@@ -86,6 +96,13 @@ def paths(
         console.print(note)
     show_paths(result.rows, texts)
     console.print(f"{len(result.rows)} path(s) in {result.elapsed_ms:.0f} ms")
+    if stability is not None:
+        table = Table("min |weight|", "paths", "features (top 10)", "top-10 paths kept", "feature Jaccard",
+                      title="stability against the loosest cut-off")  # fmt: skip
+        for row in stability:
+            table.add_row(f"{row.min_abs_weight:g}", str(row.n_paths), str(row.n_features),
+                          f"{row.top_path_overlap:.0%}", f"{row.feature_jaccard:.2f}")  # fmt: skip
+        Console().print(table)
 
 
 def show_paths(rows: Any, texts: dict[str, str | None]) -> None:

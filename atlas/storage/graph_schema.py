@@ -46,6 +46,14 @@ relationship by index seek instead of scanning the AGG_EDGE chains of dense Feat
 fixed point: sum_abs_weight = sum_abs_weight_fx / 2^32 (`aggregate.AGG_VALUES` projects them as floats, with
 mean_weight = sum_weight / n_prompts).
 
+Validation layer (`atlas.storage.validations`; causal tests of a circuit, written atomically, never by a prompt
+re-ingest; an additive constraint, so no schema version change):
+
+    (:Validation {id, circuit, target, mode, n_prompts, pass_fraction, necessity_zero, sufficiency_frozen_errors,
+                  agreement, ...})-[:TESTS]->(:Feature)
+    (:Validation)-[:ON {necessity_zero, sufficiency_frozen_errors, necessity_p, sufficiency_p, beats_null, ...}]->
+        (:Prompt {agreement})
+
 Prompt metadata is free-form besides the required keys; the optional `task` (e.g. "capitals") and `run` are indexed
 for the app's overview and filters.
 
@@ -121,6 +129,9 @@ REL_IN = "IN"
 REL_EDGE = "EDGE"
 REL_FOR = "FOR"
 REL_AGG_EDGE = "AGG_EDGE"
+VALIDATION = "Validation"
+REL_TESTS = "TESTS"
+REL_ON = "ON"
 
 # Instance label by the `kind` column of NODE_SCHEMA.
 INSTANCE_LABELS: Mapping[str, str] = {
@@ -140,6 +151,7 @@ UNIQUE_KEYS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     # Composite; a prompt_id-only lookup uses it with `WHERE n.prompt_id = $p AND n.node_index IS NOT NULL`.
     ("atlas_instance_key", INSTANCE, ("prompt_id", "node_index")),
     ("atlas_schema_version_name", SCHEMA_VERSION_LABEL, ("name",)),
+    ("atlas_validation_id", VALIDATION, ("id",)),
 )
 
 # Secondary range indexes for the common anchors of read queries, as (name, label, properties). Instance labels get
