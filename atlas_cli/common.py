@@ -7,7 +7,7 @@ are range-checked by Typer (`min=`/`max=` on the option) before any command body
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -46,6 +46,24 @@ def user_errors() -> tuple[type[BaseException], ...]:
         TranscoderShapeError,
         ValueError,
     )
+
+
+def store_driver(*, start: bool = False) -> tuple[Any, str]:
+    """(Neo4j driver, database) on `NEO4J_URI`, else the managed local server: the running one, or (`start`) one
+    started when needed. Without a server, one red line and exit 2. The caller closes the driver."""
+    from neo4j import GraphDatabase
+
+    from atlas.storage.neo4j_server import LocalNeo4jServer, Neo4jServerError, resolve_connection
+
+    try:
+        connection = resolve_connection()
+        if connection is None:
+            connection = LocalNeo4jServer().start() if start else LocalNeo4jServer().connection()
+    except (Neo4jServerError, ValueError) as err:
+        fail(err)
+    if connection is None:
+        fail(ValueError("no Neo4j: set NEO4J_URI, or start the managed server with `atlas db start`"))
+    return GraphDatabase.driver(connection.uri, auth=(connection.user, connection.password)), connection.database
 
 
 def fail(err: BaseException) -> NoReturn:

@@ -13,7 +13,15 @@ from rich.console import Console
 from rich.table import Table
 
 from atlas.config import DEFAULT_MODEL
-from atlas_cli.common import TRANSCODERS_HELP, console, fail, transcoder_directory, unit_fraction, user_errors
+from atlas_cli.common import (
+    TRANSCODERS_HELP,
+    console,
+    fail,
+    store_driver,
+    transcoder_directory,
+    unit_fraction,
+    user_errors,
+)
 
 model_app = typer.Typer(help="Load and inspect models.", no_args_is_help=True)
 corpus_app = typer.Typer(help="Training corpora.", no_args_is_help=True)
@@ -404,11 +412,8 @@ def db_migrate(
 
     Idempotent. Stop ingests while it runs: it moves prompts and rebuilds the aggregate layer of merged dictionaries.
     """
-    from neo4j import GraphDatabase
-
     from atlas.config import stats_db_path
     from ingest.migrate import legacy_ids, migrate_identities
-    from ingest.pipeline import open_connection
 
     explicit: dict[str, str] = {}
     for item in mapping or []:
@@ -416,12 +421,11 @@ def db_migrate(
         if not sep or not old or not Path(directory).is_dir():
             raise typer.BadParameter(f"--map wants OLD_ID=DIR with an existing DIR, got {item!r}")
         explicit[old] = directory
-    connection = open_connection(None)
-    driver = GraphDatabase.driver(connection.uri, auth=(connection.user, connection.password))
+    driver, database = store_driver(start=True)
     try:
-        report = migrate_identities(driver, transcoders or [], database=connection.database,
+        report = migrate_identities(driver, transcoders or [], database=database,
                                     stats_db=stats_db or stats_db_path(), explicit=explicit)  # fmt: skip
-        left = legacy_ids(driver, connection.database)
+        left = legacy_ids(driver, database)
     except user_errors() as err:
         fail(err)
     finally:

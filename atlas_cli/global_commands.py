@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from atlas.config import DEFAULT_MODEL
-from atlas_cli.common import console, fail, user_errors
+from atlas_cli.common import console, fail, store_driver, user_errors
 
 global_app = typer.Typer(help="Global circuits: input-independent weights between features, tokens and logits.")
 
@@ -188,8 +188,6 @@ def compare(
     stats_db: Annotated[Path | None, typer.Option(help="DuckDB statistics file (default: $ATLAS_STATS_DB).")] = None,
 ) -> None:
     """Spearman of the corpus's mean attribution (AGG_EDGE) against V and TWERA, over the pairs stored in both."""
-    from neo4j import GraphDatabase
-
     from atlas.analysis.global_vs_empirical import compare as compare_rows
     from atlas.analysis.global_vs_empirical import parse_feature_key
     from atlas.config import stats_db_path
@@ -197,18 +195,14 @@ def compare(
     from atlas.storage.global_weights import stored_pairs
     from atlas.storage.neo4j_server import Neo4jServerError
     from atlas.transcoders import transcoder_identity
-    from ingest.pipeline import open_connection
 
     errors: tuple[type[BaseException], ...] = (*_errors(), Neo4jServerError)
     try:
         transcoder_id = transcoder_identity(transcoders).id
         pairs = stored_pairs(stats_db or stats_db_path(), transcoder_id, norm).to_pylist()
-        connection = open_connection(None)
-        driver = GraphDatabase.driver(connection.uri, auth=(connection.user, connection.password))
-        try:
-            aggregates = aggregate_rows(driver, connection.database, transcoder=transcoder_id)
-        finally:
-            driver.close()
+        driver, database = store_driver(start=True)
+        with driver:
+            aggregates = aggregate_rows(driver, database, transcoder=transcoder_id)
     except errors as err:
         fail(err)
     result = compare_rows(
@@ -230,26 +224,20 @@ def neo4j_relationships(
     stats_db: Annotated[Path | None, typer.Option(help="DuckDB statistics file (default: $ATLAS_STATS_DB).")] = None,
 ) -> None:
     """Copy the stored feature → feature global weights (with TWERA/ERA) to Neo4j as GLOBAL_WEIGHT (replaced)."""
-    from neo4j import GraphDatabase
-
     from atlas.config import stats_db_path
     from atlas.storage.global_weights import feature_rows, write_global_weight_relationships
     from atlas.storage.neo4j_server import Neo4jServerError
     from atlas.transcoders import transcoder_identity
-    from ingest.pipeline import open_connection
 
     errors: tuple[type[BaseException], ...] = (*_errors(), Neo4jServerError)
     try:
         transcoder_id = transcoder_identity(transcoders).id
         rows = feature_rows(stats_db or stats_db_path(), transcoder_id, norm)
-        connection = open_connection(None)
-        driver = GraphDatabase.driver(connection.uri, auth=(connection.user, connection.password))
-        try:
+        driver, database = store_driver(start=True)
+        with driver:
             created = write_global_weight_relationships(
-                driver, rows, transcoder_id=transcoder_id, norm=norm, database=connection.database
+                driver, rows, transcoder_id=transcoder_id, norm=norm, database=database
             )
-        finally:
-            driver.close()
     except errors as err:
         fail(err)
     console.print(f"{created} GLOBAL_WEIGHT relationships of {len(rows)} stored pairs (the others have an endpoint"

@@ -14,24 +14,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from atlas_cli.common import console, fail
+from atlas_cli.common import console, fail, store_driver
 
 labels_app = typer.Typer(help="Feature labels: export, import, history.", no_args_is_help=True)
-
-
-def _driver() -> tuple[Any, str]:
-    from neo4j import GraphDatabase
-
-    from atlas.storage.neo4j_server import LocalNeo4jServer, resolve_connection
-
-    connection = resolve_connection() or LocalNeo4jServer().connection()
-    if connection is None:
-        fail(ValueError("no Neo4j: set NEO4J_URI, or start the managed server with `atlas db start`"))
-    return GraphDatabase.driver(connection.uri, auth=(connection.user, connection.password)), connection.database
 
 
 @labels_app.command("export")
@@ -42,7 +31,7 @@ def export(
     """Export the user labels and notes of one dictionary as JSON keyed by dictionary id, layer and index."""
     from atlas.storage.labels import LabelError, export_labels
 
-    driver, database = _driver()
+    driver, database = store_driver()
     try:
         document = export_labels(driver, dictionary, database=database)
     except LabelError as err:
@@ -88,7 +77,7 @@ def import_(
             source = "import"
     except LabelError as err:
         fail(err)
-    driver, database = _driver()
+    driver, database = store_driver()
     try:
         written = write_user_labels(driver, edits, database=database, source=source)
     except LabelError as err:
@@ -106,7 +95,7 @@ def show(key: Annotated[str, typer.Argument(help="Feature key DICTIONARY/LAYER/I
 
     from atlas.storage.labels import LabelError, feature_label, label_history
 
-    driver, database = _driver()
+    driver, database = store_driver()
     try:
         current = feature_label(driver, key, database=database)
         history = label_history(driver, key, database=database)
@@ -146,7 +135,7 @@ def explain(
             raise ExplainerError(f"no explainer configured: pass --url and --model (or set {ENV_URL}, {ENV_MODEL})")
     except ExplainerError as err:
         fail(err)
-    driver, database = _driver()
+    driver, database = store_driver()
     try:
         results = explain_features(driver, FeatureStatsStore(stats_db or stats_db_path()), cfg, feature,
                                    database=database)  # fmt: skip

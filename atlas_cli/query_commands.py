@@ -16,24 +16,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from atlas_cli.common import console, fail
+from atlas_cli.common import console, fail, store_driver
 
 
 def _open_queries(timeout_s: float) -> tuple[Any, Any]:
     """(driver, AtlasQueries) on the configured or running managed server; a one-line error when there is none."""
-    from neo4j import GraphDatabase
-
     from atlas.config import stats_db_path
     from atlas.storage.feature_stats import FeatureStatsStore
-    from atlas.storage.neo4j_server import LocalNeo4jServer, resolve_connection
     from atlas.storage.queries import AtlasQueries
 
-    connection = resolve_connection() or LocalNeo4jServer().connection()
-    if connection is None:
-        fail(ValueError("no Neo4j: set NEO4J_URI, or start the managed server with `atlas db start`"))
-    driver = GraphDatabase.driver(connection.uri, auth=(connection.user, connection.password))
+    driver, database = store_driver()
     stats = FeatureStatsStore(stats_db_path())
-    return driver, AtlasQueries(driver, connection.database, stats=stats, timeout_s=timeout_s)
+    return driver, AtlasQueries(driver, database, stats=stats, timeout_s=timeout_s)
 
 
 def node_label(node: Any) -> str:

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from atlas_cli.common import console, fail, user_errors
+from atlas_cli.common import console, fail, store_driver, user_errors
 
 
 def _fmt(value: float) -> str:
@@ -45,10 +45,7 @@ def validate(
     store: Annotated[bool, typer.Option(help="Store the result (Neo4j + DuckDB).")] = True,
 ) -> None:
     """Validate a circuit on stored prompts by intervention and store the result."""
-    from neo4j import GraphDatabase
-
     from atlas.config import stats_db_path
-    from atlas.storage.neo4j_server import LocalNeo4jServer, resolve_connection
     from atlas.storage.queries import QueryError
     from atlas.validation.validate import TargetSpec, ValidationConfig
     from ingest.validation import ValidationRequest, default_validations_path, load_from_directory, run_validation
@@ -72,14 +69,11 @@ def validate(
         label=label,
         store=store,
     )
-    connection = resolve_connection() or LocalNeo4jServer().connection()
-    if connection is None:
-        fail(ValueError("no Neo4j: set NEO4J_URI, or start the managed server with `atlas db start`"))
-    driver = GraphDatabase.driver(connection.uri, auth=(connection.user, connection.password))
+    driver, database = store_driver()
     try:
         with driver:
             report, record = run_validation(
-                driver, connection.database, request, load_from_directory(model, transcoders),
+                driver, database, request, load_from_directory(model, transcoders),
                 stats_path=stats_db_path(), validations_path=default_validations_path(),
                 progress=lambda i, n: console.print(f"validated {i}/{n} prompt(s)"),
             )  # fmt: skip

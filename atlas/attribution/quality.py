@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from rich.progress import track
 
 from atlas.attribution.context import build_context
 from atlas.attribution.engine import AttributionConfig, attribute
@@ -126,7 +126,7 @@ def evaluate_dictionary(
     started = time.perf_counter()
     replacement, completeness = [], []
     config = AttributionConfig(max_feature_nodes=max_feature_nodes)
-    for text in tqdm(prompts, desc="graph scores", unit="prompt", disable=not progress):
+    for text in track(prompts, description="graph scores", disable=not progress, transient=True):
         pruned = prune_graph(attribute(model, transcoder, text, config=config), node_threshold=node_threshold,
                              edge_threshold=edge_threshold)  # fmt: skip
         replacement.append(pruned.scores_pruned.replacement)

@@ -246,9 +246,9 @@ def _assemble(hub: _Hub, config: dict[str, Any], commit: str, root: Path) -> Pat
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        from tqdm.auto import tqdm
+        from rich.progress import track
 
-        for layer, entry in enumerate(tqdm(entries, desc=f"assembling {ref}", unit="layer")):
+        for layer, entry in enumerate(track(entries, description=f"assembling {ref}", transient=True)):
             if entry.startswith("hf://"):
                 repo, path, revision = parse_hf_uri(entry)
                 local = hub.download(Path(path).name, subfolder=str(Path(path).parent) if "/" in path else None,
