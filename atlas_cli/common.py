@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 
@@ -68,7 +69,7 @@ def store_driver(*, start: bool = False) -> tuple[Any, str]:
 
 def fail(err: BaseException) -> NoReturn:
     """Print `err` as one red line and exit with status 2."""
-    console.print(f"[bold red]error:[/] {err}")
+    console.print(f"[bold red]error:[/] {escape(str(err))}")  # messages may hold brackets, e.g. "[/subfolder]"
     raise typer.Exit(code=2)
 
 

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from atlas.config import DEFAULT_MODEL
-from atlas_cli.common import console, fail, store_driver, user_errors
+from atlas_cli.common import TRANSCODERS_HELP, console, fail, store_driver, transcoder_directory, user_errors
 
 global_app = typer.Typer(help="Global circuits: input-independent weights between features, tokens and logits.")
 
@@ -36,7 +36,7 @@ def _errors() -> tuple[type[BaseException], ...]:
 
 @global_app.command("weights")
 def weights(
-    transcoders: Annotated[Path, typer.Option(help="Transcoder directory (circuit-tracer format).")],
+    source: Annotated[str, typer.Option("--transcoders", help=TRANSCODERS_HELP)],
     model: Annotated[str, typer.Option(help="Model the transcoders belong to.")] = DEFAULT_MODEL,
     k: Annotated[
         int, typer.Option(min=1, help="Partners kept per feature and relation (≤ the dictionary's size).")
@@ -47,6 +47,7 @@ def weights(
     tile: Annotated[int, typer.Option(min=1, help="Tile edge of the chunked products.")] = 2048,
 ) -> None:
     """Compute every feature's top-k global weights (feature in/out, token in, logit out) and store them."""
+    transcoders = transcoder_directory(source)  # a directory, or a published dictionary
     from atlas.transcoders.checks import check_transcoders_fit
 
     try:
@@ -100,7 +101,7 @@ def weights(
 
 @global_app.command("show")
 def show(
-    transcoders: Annotated[Path, typer.Option(help="Transcoder directory (circuit-tracer format).")],
+    source: Annotated[str, typer.Option("--transcoders", help=TRANSCODERS_HELP)],
     feature: Annotated[str, typer.Option(help="LAYER/INDEX of the feature.")],
     relation: Annotated[str | None, typer.Option(help="feature_out | feature_in | token_in | logit_out.")] = None,
     norm: Annotated[str, typer.Option(help="fold | ignore.")] = "fold",
@@ -108,6 +109,7 @@ def show(
     stats_db: Annotated[Path | None, typer.Option(help="DuckDB statistics file (default: $ATLAS_STATS_DB).")] = None,
 ) -> None:
     """Print one feature's stored global weights (read-only)."""
+    transcoders = transcoder_directory(source)  # a directory, or a published dictionary
     from atlas.config import stats_db_path
     from atlas.storage.global_weights import read_global_weights
     from atlas.transcoders import transcoder_identity
@@ -136,7 +138,7 @@ def show(
 
 @global_app.command("twera")
 def twera(
-    transcoders: Annotated[Path, typer.Option(help="Transcoder directory (circuit-tracer format).")],
+    source: Annotated[str, typer.Option("--transcoders", help=TRANSCODERS_HELP)],
     corpus: Annotated[Path, typer.Option(help="Prompts: .txt (one per line), .jsonl or .parquet.")],
     model: Annotated[str, typer.Option(help="Model the transcoders belong to.")] = DEFAULT_MODEL,
     norm: Annotated[str, typer.Option(help="Which stored global weights: fold | ignore.")] = "fold",
@@ -145,6 +147,7 @@ def twera(
     stats_db: Annotated[Path | None, typer.Option(help="DuckDB statistics file (default: $ATLAS_STATS_DB).")] = None,
 ) -> None:
     """Co-activation statistics of the stored feature pairs over a corpus: fill their TWERA and ERA (replaced)."""
+    transcoders = transcoder_directory(source)  # a directory, or a published dictionary
     from ingest.preflight import INPUT_ERRORS, check_inputs
 
     try:
@@ -183,11 +186,12 @@ def twera(
 
 @global_app.command("compare")
 def compare(
-    transcoders: Annotated[Path, typer.Option(help="Transcoder directory (circuit-tracer format).")],
+    source: Annotated[str, typer.Option("--transcoders", help=TRANSCODERS_HELP)],
     norm: Annotated[str, typer.Option(help="Which stored global weights: fold | ignore.")] = "fold",
     stats_db: Annotated[Path | None, typer.Option(help="DuckDB statistics file (default: $ATLAS_STATS_DB).")] = None,
 ) -> None:
     """Spearman of the corpus's mean attribution (AGG_EDGE) against V and TWERA, over the pairs stored in both."""
+    transcoders = transcoder_directory(source)  # a directory, or a published dictionary
     from atlas.analysis.global_vs_empirical import compare as compare_rows
     from atlas.analysis.global_vs_empirical import parse_feature_key
     from atlas.config import stats_db_path
@@ -219,11 +223,12 @@ def compare(
 
 @global_app.command("neo4j")
 def neo4j_relationships(
-    transcoders: Annotated[Path, typer.Option(help="Transcoder directory (circuit-tracer format).")],
+    source: Annotated[str, typer.Option("--transcoders", help=TRANSCODERS_HELP)],
     norm: Annotated[str, typer.Option(help="Which stored global weights: fold | ignore.")] = "fold",
     stats_db: Annotated[Path | None, typer.Option(help="DuckDB statistics file (default: $ATLAS_STATS_DB).")] = None,
 ) -> None:
     """Copy the stored feature → feature global weights (with TWERA/ERA) to Neo4j as GLOBAL_WEIGHT (replaced)."""
+    transcoders = transcoder_directory(source)  # a directory, or a published dictionary
     from atlas.config import stats_db_path
     from atlas.storage.global_weights import feature_rows, write_global_weight_relationships
     from atlas.storage.neo4j_server import Neo4jServerError

@@ -109,15 +109,18 @@ def show_paths(rows: Any, texts: dict[str, str | None]) -> None:
     Console().print(table)
     via: Counter[str] = Counter()
     prompts: dict[str, set[str]] = {}
+    labels: dict[str, str] = {}
     for r in rows:
         for node in r.nodes[1:-1]:
             name = f"L{node.layer}/{node.key.rsplit('/', 1)[1]}" if node.kind == "feature" and node.key else node.kind
             via[name] += 1
             prompts.setdefault(name, set()).add(r.prompt_id)
+            if node.kind == "feature" and node.text:  # a feature's text is its label (user, else automatic)
+                labels.setdefault(name, node.text)
     if via:
-        middle = Table("intermediate", "paths", "prompts", title="what the paths pass through")
+        middle = Table("intermediate", "label", "paths", "prompts", title="what the paths pass through")
         for name, n in via.most_common():
-            middle.add_row(name, str(n), str(len(prompts[name])))
+            middle.add_row(name, labels.get(name, ""), str(n), str(len(prompts[name])))
         Console().print(middle)
 
 

@@ -10,14 +10,13 @@ Neo4j comes from `NEO4J_URI` (+ `NEO4J_USER`, `NEO4J_PASSWORD`), else the manage
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from atlas_cli.common import console, fail, store_driver, user_errors
+from atlas_cli.common import TRANSCODERS_HELP, console, fail, store_driver, transcoder_directory, user_errors
 
 
 def _fmt(value: float) -> str:
@@ -25,7 +24,7 @@ def _fmt(value: float) -> str:
 
 
 def validate(
-    transcoders: Annotated[Path, typer.Option(help="The dictionary the prompts were attributed with.")],
+    source: Annotated[str, typer.Option("--transcoders", help=TRANSCODERS_HELP)],
     target: Annotated[str, typer.Option(help="Target logit token, e.g. ' Mary' (one token).")],
     wrong: Annotated[str | None, typer.Option(help="Measure logit(target) − logit(wrong) instead.")] = None,
     feature: Annotated[list[str] | None, typer.Option("--feature", help="Circuit feature key or layer/index.")] = None,
@@ -45,6 +44,7 @@ def validate(
     store: Annotated[bool, typer.Option(help="Store the result (Neo4j + DuckDB).")] = True,
 ) -> None:
     """Validate a circuit on stored prompts by intervention and store the result."""
+    transcoders = transcoder_directory(source)  # a directory, or a published dictionary
     from atlas.config import stats_db_path
     from atlas.storage.queries import QueryError
     from atlas.validation.validate import TargetSpec, ValidationConfig

@@ -22,7 +22,13 @@ import pytest
 import torch
 import yaml
 
-from atlas.transcoders import TranscoderSpec, build_transcoder, load_transcoder, save_transcoder
+from atlas.transcoders import (
+    TranscoderFormatError,
+    TranscoderSpec,
+    build_transcoder,
+    load_transcoder,
+    save_transcoder,
+)
 from atlas.transcoders.hub import HubError, HubRef, is_hub_ref, parse_hub_ref, resolve_transcoders
 from benchmarks.interop.compare import CT_PYTHON, compare_with_circuit_tracer
 from tests.tolerances import FLOAT32_SUM
@@ -147,6 +153,17 @@ def test_references_parse_as_the_hub_names_them(tmp_path: Path) -> None:
     assert resolve_transcoders(existing) == existing  # a local path is never looked up on the hub
 
 
+def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`runs/demo/transcoder` (a typo) when `runs/` exists here: a missing directory at once, not a hub lookup."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    assert not is_hub_ref("runs/demo/transcoder") and is_hub_ref("acme/demo")
+    with pytest.raises(TranscoderFormatError, match="transcoder directory runs/demo/transcoder does not exist") as err:
+        resolve_transcoders("runs/demo/transcoder", hub_cache=tmp_path / "hub", offline=False,
+                            endpoint="http://127.0.0.1:9")  # fmt: skip
+    assert not isinstance(err.value, HubError)
+
+
 # -- each published format, against the weights and against circuit-tracer ----------------------------------------
 
 
@@ -254,6 +271,10 @@ def test_unresolvable_references_are_refused_with_the_reason(tmp_path: Path) -> 
         resolve_transcoders("acme/never-downloaded", hub_cache=cache, offline=False, endpoint="http://127.0.0.1:9")
     with pytest.raises(HubError, match="neither an existing directory nor a Hugging Face reference"):
         resolve_transcoders("no such dir", hub_cache=cache, offline=True)
+    absent = tmp_path / "absent" / "dict"  # an absolute path is a path: its absence is the whole message
+    with pytest.raises(TranscoderFormatError, match=f"transcoder directory {absent} does not exist") as err:
+        resolve_transcoders(str(absent), hub_cache=cache, offline=True)
+    assert not isinstance(err.value, HubError)
     publish(
         cache, "acme/not-a-dict", {"config.yaml": b"model_kind: sae\nfeature_input_hook: a\nfeature_output_hook: b\n"}
     )
@@ -302,3 +323,10 @@ def test_ingest_takes_a_reference_and_checks_it_against_the_model(tmp_path: Path
     assert missing.returncode != 0 and "not in the Hugging Face cache" in " ".join(
         (missing.stdout + missing.stderr).split()
     )
+    # neither a directory nor a reference: the explanation prints its brackets literally (not as console markup)
+    neither = subprocess.run(
+        [sys.executable, "-m", "atlas_cli", "ingest", "--corpus", str(corpus), "--transcoders", "no such dir"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    said = " ".join((neither.stdout + neither.stderr).split())
+    assert neither.returncode == 2 and "owner/repo[/subfolder][@revision]" in said and "Traceback" not in said, said

@@ -470,5 +470,8 @@ def test_cli_paths_from_an_input_token(
         result.output
     )
     assert "features active on 'w3'" in result.output and "what the paths pass through" in result.output
+    # the intermediates are named by their labels too (Texas is the only intermediate of the planted paths)
+    middle = result.output.split("what the paths pass through", 1)[1]
+    assert any(f"L{TEXAS[0]}/{TEXAS[1]}" in line and "Texas" in line for line in middle.splitlines())
     missing = CliRunner().invoke(app, ["paths", "--target", " Austin"])
     assert missing.exit_code == 2 and "give --feature, --at-token, or both" in missing.output

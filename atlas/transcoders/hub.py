@@ -2,7 +2,8 @@
 
 A reference is `owner/repo` or `owner/repo/subfolder`, either with `@revision` (a branch, tag or commit), an
 `hf://owner/repo/subfolder?revision=...` URI, or a short name from `atlas.config.HUB_PRESETS` (`gemma`, `llama`,
-`qwen3-0.6b`, ...). An existing local path is never taken for a reference.
+`qwen3-0.6b`, ...). An existing local path, or a relative path whose first directory exists here, is never taken
+for a reference.
 
 - A repo in circuit-tracer's directory formats (`cross_layer_transcoder` with `W_enc_i` / `W_dec_i` files, or a
   `transcoder_set` of `layer_i.safetensors`) resolves to its snapshot in the Hugging Face cache, unchanged.
@@ -84,8 +85,10 @@ def parse_hub_ref(text: str) -> HubRef:
 
 
 def is_hub_ref(text: str | Path) -> bool:
-    """Whether `text` names a published dictionary rather than a local path (an existing path never does)."""
-    if isinstance(text, Path) or Path(text).exists():
+    """Whether `text` names a published dictionary rather than a local path. An existing path never does, nor does a
+    relative path whose first directory exists here (`runs/demo/transcoder`, a typo, is a missing directory, not a
+    repo `runs/demo`)."""
+    if isinstance(text, Path) or Path(text).exists() or Path(Path(text).parts[0] if text else "").is_dir():
         return False
     try:
         parse_hub_ref(text)
@@ -109,9 +112,8 @@ def resolve_transcoders(
     if isinstance(source, Path) or Path(source).exists() or not is_hub_ref(source):
         path = Path(source)
         if not path.exists():
-            # `parse_hub_ref` explains what a reference would have looked like
-            if not isinstance(source, Path):
-                parse_hub_ref(source)
+            if isinstance(source, str) and not source.startswith(("/", ".", "~")):
+                parse_hub_ref(source)  # explains what a reference would have looked like, when it is not one
             raise TranscoderFormatError(f"transcoder directory {path} does not exist")
         return path
     ref = parse_hub_ref(str(source))
