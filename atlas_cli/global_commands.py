@@ -197,17 +197,15 @@ def compare(
     from atlas.config import stats_db_path
     from atlas.storage.aggregate import aggregate_rows
     from atlas.storage.global_weights import stored_pairs
-    from atlas.storage.neo4j_server import Neo4jServerError
     from atlas.transcoders import transcoder_identity
 
-    errors: tuple[type[BaseException], ...] = (*_errors(), Neo4jServerError)
     try:
         transcoder_id = transcoder_identity(transcoders).id
         pairs = stored_pairs(stats_db or stats_db_path(), transcoder_id, norm).to_pylist()
         driver, database = store_driver(start=True)
         with driver:
             aggregates = aggregate_rows(driver, database, transcoder=transcoder_id)
-    except errors as err:
+    except _errors() as err:
         fail(err)
     result = compare_rows(
         (((r["source_layer"], r["source"], r["target_layer"], r["target"]), r["v"], r["twera"]) for r in pairs),
@@ -231,10 +229,8 @@ def neo4j_relationships(
     transcoders = transcoder_directory(source)  # a directory, or a published dictionary
     from atlas.config import stats_db_path
     from atlas.storage.global_weights import feature_rows, write_global_weight_relationships
-    from atlas.storage.neo4j_server import Neo4jServerError
     from atlas.transcoders import transcoder_identity
 
-    errors: tuple[type[BaseException], ...] = (*_errors(), Neo4jServerError)
     try:
         transcoder_id = transcoder_identity(transcoders).id
         rows = feature_rows(stats_db or stats_db_path(), transcoder_id, norm)
@@ -243,7 +239,7 @@ def neo4j_relationships(
             created = write_global_weight_relationships(
                 driver, rows, transcoder_id=transcoder_id, norm=norm, database=database
             )
-    except errors as err:
+    except _errors() as err:
         fail(err)
     console.print(f"{created} GLOBAL_WEIGHT relationships of {len(rows)} stored pairs (the others have an endpoint"
                   " no stored prompt activated)")  # fmt: skip
