@@ -18,6 +18,8 @@ import torch
 from atlas.models import LoadedModel, load_model
 from atlas.training.activations import ActivationStream, StreamConfig
 from atlas.training.corpus import CorpusError
+from atlas.training.objectives import least_squares_affine
+from atlas.training.recipes import recipe_config
 from atlas.training.trainer import TrainConfig, Trainer, TrainingError
 from atlas.transcoders import check_compatible, load_transcoder
 from tests.tolerances import FLOAT32_CHAIN, assert_close_at_scale
@@ -221,3 +223,95 @@ def test_cli_eval_rejects_transcoders_of_another_model(
     assert "transcoder does not fit model 'smollm2-135m-instruct': 2 layers vs the model's 30" in " ".join(
         bad.stderr.split()
     )
+
+
+def test_least_squares_affine_recovers_a_planted_map() -> None:
+    """The ridge fit of `y = x·Wᵀ + b` (plus noise 1e-3) finds W and b per layer; one layer's map is not another's."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 5, 4, generator=generator)
+    bias = torch.randn(3, 5, generator=generator)
+    inputs = torch.randn(3, 2000, 4, generator=generator)
+    targets = inputs @ weight.transpose(1, 2) + bias.unsqueeze(1) + 1e-3 * torch.randn(3, 2000, 5, generator=generator)
+    fitted_weight, fitted_bias = least_squares_affine(inputs, targets)
+    assert fitted_weight.shape == (3, 5, 4) and fitted_bias.shape == (3, 5)
+    assert_close_at_scale(fitted_weight, weight, rel=1e-3, what="weight")
+    assert_close_at_scale(fitted_bias, bias, rel=1e-3, what="bias")
+
+
+def test_stream_passes_reuse_each_chunk_in_fresh_orders(tiny_llama: LoadedModel, jsonl_corpus: Path) -> None:
+    """With passes=2 a chunk's tokens are served twice, each pass a permutation of the chunk; pass 1 of the first
+    chunk is exactly what passes=1 serves, and resuming mid-pass yields the uninterrupted batches."""
+    once = replace(small_config(jsonl_corpus).stream, batch_size=62)  # a chunk (8 × 31 tokens) is 4 whole batches
+    twice = replace(once, passes=2)
+    per_chunk = once.batches_per_chunk
+
+    def take(config: StreamConfig, n: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        stream = ActivationStream(tiny_llama, config, input_hook="mlp.hook_in", output_hook="mlp.hook_out")
+        batches = stream.batches(start_step=start)
+        return [next(batches) for _ in range(n)]
+
+    single, double = take(once, per_chunk), take(twice, 2 * per_chunk + 1)
+    for a, b in zip(single, double[:per_chunk], strict=True):
+        torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+    first_pass = torch.cat([b[0] for b in double[:per_chunk]], dim=1)
+    second_pass = torch.cat([b[0] for b in double[per_chunk : 2 * per_chunk]], dim=1)
+    assert not torch.equal(first_pass, second_pass)  # another order ...
+    key = lambda t: sorted(map(tuple, t[0].round(decimals=5).tolist()))  # noqa: E731
+    assert key(first_pass) == key(second_pass)  # ... of the same tokens
+    assert not torch.equal(double[2 * per_chunk][0], double[0][0])  # then the next chunk
+    resumed = take(twice, 2, start=per_chunk + 1)
+    for a, b in zip(resumed, double[per_chunk + 1 : per_chunk + 3], strict=True):
+        torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+
+
+def test_least_squares_skip_start_explains_more_than_a_zero_start(
+    tiny_llama: LoadedModel, jsonl_corpus: Path, tmp_path: Path
+) -> None:
+    """Set-up with skip_init='least_squares' starts the skip at the MLPs' linear fit: the first logged FVU is
+    below that of the same recipe with a zero skip, and the first batch's FVU of the skip alone is below 1."""
+    common = {"kind": "plt", "skip": True, "steps": 5, "log_every": 1, "init_tokens": 512}
+    fitted = Trainer(tiny_llama, small_config(jsonl_corpus, skip_init="least_squares", **common), tmp_path / "ls")
+    zero = Trainer(tiny_llama, small_config(jsonl_corpus, **common), tmp_path / "zero")
+    assert fitted.initial_batch_count() == 8 and zero.initial_batch_count() == 1
+    fitted.run()
+    zero.run()
+
+    def first_fvu(run: str) -> float:
+        return json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])["fvu_mean"]
+
+    assert first_fvu("ls") < first_fvu("zero")
+    assert first_fvu("ls") < 1.0
+
+
+def test_cpu_budget_stops_training_and_drives_the_schedules(
+    tiny_llama: LoadedModel, jsonl_corpus: Path, tmp_path: Path
+) -> None:
+    """A run with a CPU budget stops once the process has spent it (long before its step ceiling), records the CPU
+    time, and ramps λ on the budget: the last logged λ is close to its final value."""
+    config = small_config(jsonl_corpus, steps=1_000_000, cpu_budget_s=3.0, log_every=1, checkpoint_every=10_000)
+    result = Trainer(tiny_llama, config, tmp_path / "budget").run()
+    final = result.final_metrics
+    assert 3.0 <= final["cpu_seconds"] < 30.0 and 1 <= final["steps"] < 1_000_000
+    log = [json.loads(line) for line in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == final["steps"]  # the stopping step is logged and checkpointed
+    assert (tmp_path / "budget" / "checkpoints" / f"step_{final['steps']:08d}.pt").exists()
+    assert log[-1]["lambda"] > 0.8 * config.sparsity_lambda > log[0]["lambda"]
+
+
+def test_recipes_and_bad_training_settings() -> None:
+    cpu = recipe_config("cpu", steps=10)
+    assert cpu.skip and cpu.skip_init == "least_squares" and cpu.steps == 10 and cpu.cpu_budget_s is None
+    budget = recipe_config("baseline", cpu_budget_s=60.0, stream={"eval_sequences": 32})
+    assert budget.cpu_budget_s == 60.0 and budget.stream.eval_sequences == 32 and budget.kind == "clt"
+    with pytest.raises(ValueError, match="unknown recipe 'fast'"):
+        recipe_config("fast", steps=10)
+    with pytest.raises(ValueError, match="exactly one length"):
+        recipe_config("cpu", steps=10, cpu_budget_s=5.0)
+    with pytest.raises(ValueError, match="needs skip=True"):
+        TrainConfig(skip_init="least_squares")
+    with pytest.raises(ValueError, match="unknown encoder_init"):
+        TrainConfig(encoder_init="magic")
+    with pytest.raises(ValueError, match="cpu_budget_s must be at least"):
+        TrainConfig(cpu_budget_s=0.0)
+    with pytest.raises(ValueError, match="passes must be at least 1"):
+        StreamConfig(passes=0)

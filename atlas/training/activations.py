@@ -8,7 +8,9 @@ The shuffling buffer works chunk by chunk: a chunk of `chunk_sequences` sequence
 tokens are served in an order drawn from a generator seeded by `(seed, chunk index)`. Batch `k` of the stream is
 therefore a pure function of (corpus, model, settings, k): resuming at step k re-tokenizes the skipped chunks
 (cheap, no model forward), recomputes the current chunk, and continues with exactly the batches an uninterrupted
-run would have seen. Tokens left over at the end of a chunk (fewer than a batch) are dropped.
+run would have seen. Tokens left over at the end of a chunk (fewer than a batch) are dropped. With `passes > 1`
+each chunk's activations are served that many times, each pass in its own order (seeded by chunk and pass): the
+model, the expensive part on a CPU, runs once for `passes` times the training signal.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class StreamConfig:
     model_batch_size: int = 16
     seed: int = 0
     eval_sequences: int = 8  # held out from training, used for the spliced next-token loss
+    passes: int = 1  # batches served from each chunk's activations, in that many fresh shuffles (model runs once)
 
     @property
     def tokens_per_chunk(self) -> int:
@@ -49,6 +52,11 @@ class StreamConfig:
     @property
     def batches_per_chunk(self) -> int:
         return self.tokens_per_chunk // self.batch_size
+
+    @property
+    def steps_per_chunk(self) -> int:
+        """Training steps one model pass over a chunk feeds: every pass serves all its whole batches."""
+        return self.batches_per_chunk * self.passes
 
     def __post_init__(self) -> None:
         if self.context_length < 2:
@@ -61,6 +69,7 @@ class StreamConfig:
                 "model_batch_size": (self.model_batch_size, 1),
                 "eval_sequences": (self.eval_sequences, 1),
                 "seed": (self.seed, 0),
+                "passes": (self.passes, 1),
             },
         )
         if self.batches_per_chunk < 1:
@@ -177,15 +186,17 @@ class ActivationStream:
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches from global step `start_step` on; identical to what an uninterrupted stream yields there."""
         cfg = self.config
-        chunk_index, offset = divmod(start_step, cfg.batches_per_chunk)
+        chunk_index, offset = divmod(start_step, cfg.steps_per_chunk)
         sequences = self._sequences()
         for _ in range(chunk_index * cfg.chunk_sequences):
             next(sequences)
         while True:
             inputs, targets = self._chunk(sequences)
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + chunk_index)
-            order = torch.randperm(inputs.shape[1], generator=generator)
-            for b in range(offset, cfg.batches_per_chunk):
+            for position in range(offset, cfg.steps_per_chunk):
+                pass_index, b = divmod(position, cfg.batches_per_chunk)
+                if b == 0 or position == offset:
+                    seed = cfg.seed * 1_000_003 + chunk_index + pass_index * 7_919_000_009
+                    order = torch.randperm(inputs.shape[1], generator=torch.Generator().manual_seed(seed))
                 idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
                 yield inputs[:, idx], targets[:, idx]
             offset = 0

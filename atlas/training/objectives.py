@@ -65,6 +65,25 @@ def default_learning_rate(n_features: int) -> float:
     return 2e-4 / math.sqrt(n_features / 2**14)
 
 
+def least_squares_affine(
+    inputs: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer ridge regression `targets ≈ inputs @ W.T + b`, solved in float64.
+
+    `inputs (n_layers, n_tokens, d_in)`, `targets (n_layers, n_tokens, d_out)` → `W (n_layers, d_out, d_in)`,
+    `b (n_layers, d_out)`. The ridge term is `ridge` times the mean diagonal of each layer's Gram matrix, so it
+    scales with the inputs. This is the best linear stand-in for each MLP: a skip connection's starting point.
+    """
+    n_layers, n_tokens, d_in = inputs.shape
+    ones = torch.ones(n_layers, n_tokens, 1, dtype=torch.float64)
+    x = torch.cat([inputs.double(), ones], dim=-1)
+    gram = x.transpose(1, 2) @ x  # (L, d_in + 1, d_in + 1)
+    rhs = x.transpose(1, 2) @ targets.double()  # (L, d_in + 1, d_out)
+    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).view(-1, 1, 1)
+    solution = torch.linalg.solve(gram + ridge * scale * torch.eye(d_in + 1, dtype=torch.float64), rhs)
+    return solution[:, :d_in].transpose(1, 2).float(), solution[:, d_in].float()
+
+
 def normalisation_scales(activations: torch.Tensor) -> torch.Tensor:
     """Per-layer scalars `s[l]` with `E‖s[l]·x‖₂ = √d`: `(n_layers, n_tokens, d)` → `(n_layers,)`."""
     d = activations.shape[-1]

@@ -1,8 +1,11 @@
 """Splice transcoders into a model: replace every MLP output with the transcoder's reconstruction.
 
 `spliced_cross_entropy` reports the next-token loss of the model with all MLPs replaced, against the clean model,
-on the same tokens. Position 0 (BOS) keeps its real MLP output: transcoders are never trained on it, and
-attribution treats it as a constant. This module reads a model and a transcoder; it trains nothing.
+on the same tokens, and the mean KL divergence of the spliced next-token distribution from the clean one. With
+`with_errors=True` each replaced output gets its error term back (`reconstruction + (mlp_out − reconstruction)`): a
+sanity check of the splicing itself, whose delta must be 0 up to float rounding. Position 0 (BOS) keeps its real
+MLP output: transcoders are never trained on it, and attribution treats it as a constant.
+This module reads a model and a transcoder; it trains nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class SplicedLoss:
     clean: float  # next-token cross-entropy of the model, nats/token
     spliced: float  # the same with every MLP output replaced by the transcoder's
     n_tokens: int
+    kl: float = float("nan")  # mean KL(clean ‖ spliced) of the next-token distributions, nats/token
 
     @property
     def delta(self) -> float:
@@ -33,6 +37,13 @@ def _next_token_ce(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), token_ids[:, 1:].reshape(-1))
 
 
+def _mean_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> float:
+    """Mean over `(n_seq, ctx − 1)` predicting positions of KL(clean ‖ other) of the next-token distributions."""
+    clean = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
+    other = F.log_softmax(other_logits[:, :-1].float(), dim=-1)
+    return float((clean.exp() * (clean - other)).sum(-1).mean())
+
+
 @torch.no_grad()
 def spliced_cross_entropy(
     model: LoadedModel,
@@ -41,6 +52,7 @@ def spliced_cross_entropy(
     *,
     input_scale: torch.Tensor | None = None,
     output_scale: torch.Tensor | None = None,
+    with_errors: bool = False,
 ) -> SplicedLoss:
     """CE of clean and spliced runs on `token_ids (n_seq, ctx)`.
 
@@ -53,7 +65,7 @@ def spliced_cross_entropy(
     s_in = input_scale if input_scale is not None else torch.ones(L)
     s_out = output_scale if output_scale is not None else torch.ones(L)
     token_ids = token_ids.to(model.device)
-    clean = _next_token_ce(model.model(token_ids), token_ids)
+    clean_logits = model.model(token_ids)
 
     activations: dict[int, torch.Tensor] = {}
     inputs: dict[int, torch.Tensor] = {}
@@ -70,7 +82,7 @@ def spliced_cross_entropy(
         def hook(out: torch.Tensor, hook: Any) -> torch.Tensor:
             acts = [activations[source] for source in range(layer + 1)]
             recon = transcoder.decode_layer(layer, acts, inputs[layer]) / s_out[layer]
-            replaced = recon.to(out.dtype)
+            replaced = (recon + (out.float() - recon) if with_errors else recon).to(out.dtype)
             replaced[:, 0] = out[:, 0]
             return replaced
 
@@ -78,6 +90,11 @@ def spliced_cross_entropy(
 
     hooks = [(f"blocks.{layer}.{spec.input_hook}", read_input(layer)) for layer in range(L)]
     hooks += [(f"blocks.{layer}.{spec.output_hook}", write_output(layer)) for layer in range(L)]
-    spliced = _next_token_ce(model.model.run_with_hooks(token_ids, fwd_hooks=hooks), token_ids)
+    spliced_logits = model.model.run_with_hooks(token_ids, fwd_hooks=hooks)
     n_tokens = token_ids.shape[0] * (token_ids.shape[1] - 1)
-    return SplicedLoss(clean=float(clean), spliced=float(spliced), n_tokens=n_tokens)
+    return SplicedLoss(
+        clean=float(_next_token_ce(clean_logits, token_ids)),
+        spliced=float(_next_token_ce(spliced_logits, token_ids)),
+        n_tokens=n_tokens,
+        kl=_mean_kl(clean_logits, spliced_logits),
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import logging
 import os
@@ -47,6 +48,10 @@ FINAL_METRICS = "metrics.json"
 TRANSCODER_DIR = "transcoders"
 
 
+SKIP_INITS = ("zero", "least_squares")
+ENCODER_INITS = ("random", "decoder")
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what was kept."""
 
@@ -70,6 +75,10 @@ class TrainConfig:
     pre_act_coef: float = 3e-6
     init_firing_rate: float = 0.1  # share of tokens each feature fires on at initialisation (capped 10000/features)
     grad_clip: float = 1.0
+    skip_init: str = "zero"  # "least_squares": W_skip and b_dec start as the ridge fit of the MLP (needs skip)
+    encoder_init: str = "random"  # "decoder": each encoder row starts as its feature's (own-layer) decoder row
+    init_tokens: int = 8192  # tokens the least-squares skip fit reads at set-up (they are trained on too)
+    cpu_budget_s: float | None = None  # stop after this much process CPU time; schedules follow its fraction
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -90,8 +99,16 @@ class TrainConfig:
                 "checkpoint_every": (self.checkpoint_every, 1),
                 "keep_checkpoints": (self.keep_checkpoints, 1),
                 "log_every": (self.log_every, 1),
+                "init_tokens": (self.init_tokens, 1),
+                "cpu_budget_s": (self.cpu_budget_s, 1.0),
             },
         )
+        if self.skip_init not in SKIP_INITS:
+            raise ValueError(f"unknown skip_init {self.skip_init!r}; expected one of {SKIP_INITS}")
+        if self.encoder_init not in ENCODER_INITS:
+            raise ValueError(f"unknown encoder_init {self.encoder_init!r}; expected one of {ENCODER_INITS}")
+        if self.skip_init == "least_squares" and not self.skip:
+            raise ValueError("skip_init='least_squares' fits the skip connection; it needs skip=True")
 
     @property
     def learning_rate(self) -> float:
@@ -136,6 +153,7 @@ class _State:
     input_scale: torch.Tensor
     output_scale: torch.Tensor
     tokens_since_fired: torch.Tensor
+    cpu_seconds: float = 0.0  # process CPU time spent training so far (kept across resumes)
 
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -181,6 +199,7 @@ class Trainer:
                 "input_scale": state.input_scale,
                 "output_scale": state.output_scale,
                 "tokens_since_fired": state.tokens_since_fired,
+                "cpu_seconds": state.cpu_seconds,
             },
             tmp,
         )
@@ -211,6 +230,7 @@ class Trainer:
             input_scale=data["input_scale"],
             output_scale=data["output_scale"],
             tokens_since_fired=data["tokens_since_fired"],
+            cpu_seconds=float(data.get("cpu_seconds", 0.0)),
         )
 
     # --- set-up -------------------------------------------------------------------------------------------
@@ -222,14 +242,34 @@ class Trainer:
     def _optimizer(self, transcoder: EncoderStack) -> torch.optim.Optimizer:
         return torch.optim.Adam(transcoder.parameters(), lr=self.config.learning_rate, betas=(0.9, 0.999))
 
-    def _fresh_state(self, first_batch: tuple[torch.Tensor, torch.Tensor]) -> _State:
-        torch.manual_seed(self.config.stream.seed)
+    def initial_batch_count(self) -> int:
+        """Batches set-up reads: the first (normalisation scales), or enough for the least-squares skip fit."""
+        if self.config.skip_init != "least_squares":
+            return 1
+        return -(-self.config.init_tokens // self.config.stream.batch_size)
+
+    def _fresh_state(self, initial: list[tuple[torch.Tensor, torch.Tensor]]) -> _State:
+        """Initialise from the stream's first batches: normalisation scales from the first, then (by the recipe)
+        the least-squares skip fit from all of them, encoder rows from decoder rows, and encoder biases that make
+        each feature fire on a set share of the first batch's tokens."""
+        cfg = self.config
+        torch.manual_seed(cfg.stream.seed)
         transcoder = self._new_transcoder()
-        inputs, targets = first_batch
+        inputs, targets = initial[0]
         input_scale = obj.normalisation_scales(inputs)
         output_scale = obj.normalisation_scales(targets)
-        rate = min(self.config.init_firing_rate, 10_000 / (self.spec.n_layers * self.spec.n_features))
+        rate = min(cfg.init_firing_rate, 10_000 / (self.spec.n_layers * self.spec.n_features))
         with torch.no_grad():
+            if cfg.skip_init == "least_squares" and transcoder.W_skip is not None:
+                all_inputs = torch.cat([batch[0] for batch in initial], dim=1) * input_scale.view(-1, 1, 1)
+                all_targets = torch.cat([batch[1] for batch in initial], dim=1) * output_scale.view(-1, 1, 1)
+                weight, bias = obj.least_squares_affine(all_inputs, all_targets)
+                transcoder.W_skip.copy_(weight)
+                transcoder.b_dec.copy_(bias)
+            if cfg.encoder_init == "decoder":
+                every = torch.arange(self.spec.n_features)
+                own = [transcoder.decoder_vectors(layer, every)[:, 0, :] for layer in range(self.spec.n_layers)]
+                transcoder.W_enc.copy_(torch.stack(own))
             normalised = inputs * input_scale.view(-1, 1, 1)
             pre = torch.bmm(normalised, transcoder.W_enc.transpose(1, 2))
             transcoder.b_enc.copy_(obj.encoder_bias_for_firing_rate(pre, self.config.initial_threshold, rate))
@@ -261,9 +301,9 @@ class Trainer:
             batches = self.stream.batches(start_step=state.step)
         else:
             batches = self.stream.batches(start_step=0)
-            first = next(batches)
-            state = self._fresh_state(first)
-            batches = _prepend(first, batches)
+            initial = list(itertools.islice(batches, self.initial_batch_count()))
+            state = self._fresh_state(initial)
+            batches = itertools.chain(initial, batches)
         eval_tokens = self.stream.evaluation_tokens()
         log.info("phase set-up done in %.1fs", time.perf_counter() - phase_start)
 
@@ -310,12 +350,13 @@ class Trainer:
         window_start = time.perf_counter()
         window_tokens = 0
         tokens_seen = state.step * cfg.stream.batch_size
+        cpu_origin = time.process_time() - state.cpu_seconds
         with (self.out_dir / METRICS_LOG).open("a") as metrics_log:
-            while state.step < cfg.steps:
+            while state.step < cfg.steps and not self._budget_spent(state):
                 inputs, targets = next(batches)
                 if not (torch.isfinite(inputs).all() and torch.isfinite(targets).all()):
                     raise TrainingError(f"the model produced non-finite activations at step {state.step}")
-                step = state.step
+                step = self._schedule_step(state)
                 lam = obj.sparsity_lambda_at(step, cfg.steps, cfg.sparsity_lambda)
                 for group in state.optimizer.param_groups:
                     group["lr"] = base_lr * obj.lr_factor_at(step, cfg.steps, cfg.lr_decay_fraction)
@@ -330,13 +371,15 @@ class Trainer:
                     on_non_finite=functools.partial(self._non_finite_message, step),
                 )
                 state.step += 1
+                state.cpu_seconds = time.process_time() - cpu_origin
+                last = state.step == cfg.steps or self._budget_spent(state)
                 tokens_seen += inputs.shape[1]
                 window_tokens += inputs.shape[1]
                 with torch.no_grad():
                     state.tokens_since_fired = obj.update_tokens_since_fired(
                         state.tokens_since_fired, output.activations.cpu()
                     )
-                if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                if state.step % cfg.log_every == 0 or last:
                     elapsed = time.perf_counter() - window_start
                     record = self._metrics_record(
                         state,
@@ -352,8 +395,19 @@ class Trainer:
                     if on_progress:
                         on_progress(record)
                     window_start, window_tokens = time.perf_counter(), 0
-                if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+                if state.step % cfg.checkpoint_every == 0 or last:
                     self._save_checkpoint(state)
+
+    def _budget_spent(self, state: _State) -> bool:
+        return self.config.cpu_budget_s is not None and state.cpu_seconds >= self.config.cpu_budget_s
+
+    def _schedule_step(self, state: _State) -> int:
+        """The step the λ and learning-rate schedules read: the real step, or under a CPU budget the step as far
+        into `steps` as the budget is spent, whichever is further (a budget run ramps and decays on time)."""
+        cfg = self.config
+        if cfg.cpu_budget_s is None:
+            return state.step
+        return max(state.step, min(cfg.steps - 1, int(state.cpu_seconds / cfg.cpu_budget_s * cfg.steps)))
 
     def _non_finite_message(self, step: int) -> str:
         return (
@@ -377,6 +431,7 @@ class Trainer:
         return {
             "step": state.step,
             "tokens": tokens_seen,
+            "cpu_seconds": round(state.cpu_seconds, 2),
             "loss": loss.total.item(),
             "reconstruction_loss": loss.reconstruction.item(),
             "sparsity_loss": loss.sparsity.item(),
@@ -402,6 +457,7 @@ class Trainer:
             "tokens": state.step * self.config.stream.batch_size,
             "resumed_from": resumed_from,
             "train_seconds_this_session": train_seconds,
+            "cpu_seconds": state.cpu_seconds,
             "fvu": record.get("fvu"),
             "fvu_mean": record.get("fvu_mean"),
             "l0": record.get("l0"),
@@ -463,8 +519,3 @@ def train_step(
     torch.nn.utils.clip_grad_norm_(transcoder.parameters(), config.grad_clip)
     optimizer.step()
     return output, loss
-
-
-def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest

@@ -1,0 +1,56 @@
+"""Named training recipes: the settings `atlas train --recipe`, `atlas demo` and the quality benchmark start from.
+
+A recipe is a `TrainConfig` without a length; `recipe_config` gives it one, either a step count (reproducible: a
+resumed run ends with the weights of an uninterrupted one) or a CPU-time budget (the run stops when the process has
+spent it, and the sparsity ramp and learning-rate decay follow the share of the budget spent; not bit-reproducible).
+Why each recipe is what it is, with the figures that chose it, is in the README ("Dictionary quality").
+
+This module only names settings; it trains nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from atlas.training.activations import StreamConfig
+from atlas.training.trainer import TrainConfig
+
+# Steps a budget run may not exceed; far beyond what any CPU budget reaches, so the budget is what stops it.
+BUDGET_STEP_CEILING = 10_000_000
+
+RECIPES: dict[str, TrainConfig] = {
+    # Wave 1's recipe, kept as the benchmark's baseline: a cross-layer transcoder, random initialisation.
+    "baseline": TrainConfig(kind="clt", n_features=128),
+    # Per-layer transcoders with an affine skip connection that starts as the least-squares fit of each MLP, so the
+    # features only learn what a linear map cannot; encoder rows start as their decoder rows; each model pass over a
+    # shuffle chunk feeds two passes of larger batches (the model forward is most of a CPU step's cost).
+    "cpu": TrainConfig(
+        kind="plt",
+        n_features=512,
+        skip=True,
+        skip_init="least_squares",
+        encoder_init="decoder",
+        stream=StreamConfig(batch_size=1024, chunk_sequences=128, passes=2),
+    ),
+}
+
+
+def recipe_names() -> tuple[str, ...]:
+    return tuple(RECIPES)
+
+
+def recipe_config(
+    name: str, *, steps: int | None = None, cpu_budget_s: float | None = None, **overrides: Any
+) -> TrainConfig:
+    """The recipe `name` with a length (`steps`, or `cpu_budget_s` seconds of process CPU time) and any other
+    `TrainConfig` field overridden (`stream` fields by `stream={...}`)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    if (steps is None) == (cpu_budget_s is None):
+        raise ValueError("give a recipe exactly one length: steps or cpu_budget_s")
+    base = RECIPES[name]
+    stream_overrides = overrides.pop("stream", None) or {}
+    stream = dataclasses.replace(base.stream, **stream_overrides)
+    length = {"steps": steps} if steps is not None else {"steps": BUDGET_STEP_CEILING, "cpu_budget_s": cpu_budget_s}
+    return dataclasses.replace(base, stream=stream, **length, **overrides)
