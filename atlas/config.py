@@ -59,6 +59,11 @@ SMOLLM2_135M_INSTRUCT = PackagedGGUFModel(
 PACKAGED_MODELS: dict[str, PackagedGGUFModel] = {SMOLLM2_135M_INSTRUCT.alias: SMOLLM2_135M_INSTRUCT}
 DEFAULT_MODEL = SMOLLM2_135M_INSTRUCT.alias
 
+# Named training recipes (their settings: `atlas.training.recipes`); `atlas train` starts from the default one.
+TRAINING_RECIPE_NAMES: tuple[str, ...] = ("baseline", "cpu")
+DEFAULT_TRAINING_RECIPE = "baseline"
+DEFAULT_TRAINING_STEPS = 200
+
 # Where transcoders read and write, as TransformerLens hook names relative to a block (`blocks.{l}.`).
 # The MLP's own input and output: exactly what a per-layer transcoder replaces, and a pair that
 # circuit-tracer accepts for both its per-layer and cross-layer loaders.

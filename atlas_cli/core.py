@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from atlas.config import DEFAULT_MODEL
+from atlas.config import DEFAULT_MODEL, DEFAULT_TRAINING_RECIPE, DEFAULT_TRAINING_STEPS, TRAINING_RECIPE_NAMES
 from atlas_cli.common import (
     TRANSCODERS_HELP,
     console,
@@ -74,49 +74,54 @@ def corpus_offline() -> None:
 def train(
     out: Annotated[Path, typer.Option(help="Run directory: checkpoints, metrics, final transcoders.")],
     model: Annotated[str, typer.Option(help="Model to train on.")] = DEFAULT_MODEL,
+    recipe: Annotated[str, typer.Option(help="Starting settings: " + " | ".join(TRAINING_RECIPE_NAMES))] = (
+        DEFAULT_TRAINING_RECIPE
+    ),
     corpus: Annotated[str, typer.Option(help="offline | FILE.txt/.jsonl/.parquet | hf:DATASET")] = "offline",
     text_field: Annotated[str, typer.Option(help="JSONL/Parquet field holding the text.")] = "text",
-    kind: Annotated[str, typer.Option(help="clt (cross-layer) or plt (per-layer).")] = "clt",
-    features: Annotated[int, typer.Option(min=1, help="Features per layer.")] = 128,
-    activation: Annotated[str, typer.Option(help="jumprelu | relu | topk")] = "jumprelu",
+    kind: Annotated[str | None, typer.Option(help="clt (cross-layer) or plt (per-layer). [recipe]")] = None,
+    features: Annotated[int | None, typer.Option(min=1, help="Features per layer. [recipe]")] = None,
+    activation: Annotated[str | None, typer.Option(help="jumprelu | relu | topk [recipe]")] = None,
     topk: Annotated[int | None, typer.Option(min=1, help="k for --activation topk.")] = None,
-    skip: Annotated[bool, typer.Option(help="Add a linear skip connection.")] = False,
-    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 200,
-    batch_size: Annotated[int, typer.Option(min=1, help="Tokens per training step.")] = 256,
+    skip: Annotated[bool | None, typer.Option(help="Add a linear skip connection. [recipe]")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps (default 200 unless --cpu-minutes).")] = (
+        None
+    ),
+    cpu_minutes: Annotated[
+        float | None, typer.Option(min=0.1, help="Instead of --steps: train for this much CPU time (core-minutes).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Tokens per training step. [recipe]")] = None,
     context_length: Annotated[int, typer.Option(min=2, help="Tokens per sequence, BOS included.")] = 64,
-    chunk_sequences: Annotated[int, typer.Option(min=1, help="Sequences per shuffle chunk.")] = 64,
+    chunk_sequences: Annotated[int | None, typer.Option(min=1, help="Sequences per shuffle chunk. [recipe]")] = None,
     lr: Annotated[float | None, typer.Option(min=0.0, help="Default: 2e-4/√(features/16384).")] = None,
-    sparsity_lambda: Annotated[float, typer.Option(min=0.0, help="Final sparsity coefficient λ.")] = 1.0,
+    sparsity_lambda: Annotated[float | None, typer.Option(min=0.0, help="Final sparsity coefficient λ. [recipe]")] = (
+        None
+    ),
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 50,
     log_every: Annotated[int, typer.Option(min=1, help="Steps between logged metrics.")] = 10,
     seed: Annotated[int, typer.Option(min=0, help="Seed of initialisation and shuffling.")] = 0,
     fresh: Annotated[bool, typer.Option(help="Discard checkpoints in --out instead of resuming.")] = False,
 ) -> None:
-    """Train transcoders with a live progress bar; resumes from the last checkpoint in --out."""
-    from atlas.training.activations import StreamConfig
-    from atlas.training.trainer import TrainConfig
+    """Train transcoders with a live progress bar; resumes from the last checkpoint in --out.
 
+    Options marked [recipe] default to the chosen --recipe's value."""
+    from atlas.training.recipes import recipe_config
+
+    if steps is not None and cpu_minutes is not None:
+        raise typer.BadParameter("give --steps or --cpu-minutes, not both")
+    chosen = {"kind": kind, "n_features": features, "activation": activation, "topk": topk, "skip": skip,
+              "lr": lr, "sparsity_lambda": sparsity_lambda}  # fmt: skip
+    stream = {"corpus": corpus, "text_field": text_field, "context_length": context_length,
+              "batch_size": batch_size, "chunk_sequences": chunk_sequences, "seed": seed}  # fmt: skip
     try:
-        stream = StreamConfig(
-            corpus=corpus,
-            text_field=text_field,
-            context_length=context_length,
-            batch_size=batch_size,
-            chunk_sequences=chunk_sequences,
-            seed=seed,
-        )
-        config = TrainConfig(
-            kind=kind,  # type: ignore[arg-type]
-            n_features=features,
-            activation=activation,
-            topk=topk,
-            skip=skip,
-            steps=steps,
-            lr=lr,
-            sparsity_lambda=sparsity_lambda,
+        config = recipe_config(
+            recipe,
+            steps=None if cpu_minutes is not None else (steps or DEFAULT_TRAINING_STEPS),
+            cpu_budget_s=None if cpu_minutes is None else cpu_minutes * 60,
             checkpoint_every=checkpoint_every,
             log_every=log_every,
-            stream=stream,
+            stream={k: v for k, v in stream.items() if v is not None},
+            **{k: v for k, v in chosen.items() if v is not None},
         )
         config.spec(n_layers=1, d_model=1)  # validates kind/activation/topk before the model loads
         result = run_training(out=out, model=model, config=config, fresh=fresh)
@@ -147,16 +152,22 @@ def run_training(*, out: Path, model: str, config: Any, fresh: bool) -> Any:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(f"train {config.kind}", total=config.steps, completed=start_step, metrics="")
+        # a CPU-budget run counts CPU seconds on its bar; a step run counts steps
+        budget = config.cpu_budget_s
+        total = config.steps if budget is None else round(budget)
+        task = progress.add_task(f"train {config.kind}", total=total, completed=start_step if budget is None else 0,
+                                 metrics="")  # fmt: skip
 
         def on_progress(record: dict[str, Any]) -> None:
             metrics = (
                 f"loss {record['loss']:.3g} fvu {record['fvu_mean']:.3f} L0 {record['l0_total']:.1f}"
                 f" dead {record['dead_fraction']:.1%} {record['tokens_per_second']:.0f} tok/s"
             )
-            progress.update(task, completed=record["step"], metrics=metrics)
+            done = record["step"] if budget is None else min(total, round(record["cpu_seconds"]))
+            progress.update(task, completed=done, metrics=metrics)
             if not console.is_terminal:
-                console.print(f"step {record['step']}/{config.steps} {metrics}")
+                where = f"{config.steps}" if budget is None else f"∞, CPU {record['cpu_seconds']:.0f}/{total} s"
+                console.print(f"step {record['step']}/{where} {metrics}")
 
         return trainer.run(fresh=fresh, on_progress=on_progress)
 

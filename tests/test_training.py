@@ -273,6 +273,9 @@ def test_least_squares_skip_start_explains_more_than_a_zero_start(
     fitted = Trainer(tiny_llama, small_config(jsonl_corpus, skip_init="least_squares", **common), tmp_path / "ls")
     zero = Trainer(tiny_llama, small_config(jsonl_corpus, **common), tmp_path / "zero")
     assert fitted.initial_batch_count() == 8 and zero.initial_batch_count() == 1
+    slow_skip = Trainer(tiny_llama, small_config(jsonl_corpus, skip_lr_scale=0.01, **common), tmp_path / "slow")
+    groups = slow_skip._optimizer(slow_skip._new_transcoder()).param_groups
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.01] and groups[1]["params"][0].shape == (2, 32, 32)
     fitted.run()
     zero.run()
 
@@ -315,3 +318,5 @@ def test_recipes_and_bad_training_settings() -> None:
         TrainConfig(cpu_budget_s=0.0)
     with pytest.raises(ValueError, match="passes must be at least 1"):
         StreamConfig(passes=0)
+    with pytest.raises(ValueError, match="skip_lr_scale must be at least 0"):
+        TrainConfig(skip_lr_scale=-1.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from atlas.config import TRAINING_RECIPE_NAMES
 from atlas.training.activations import StreamConfig
 from atlas.training.trainer import TrainConfig
 
@@ -23,17 +24,25 @@ RECIPES: dict[str, TrainConfig] = {
     # Wave 1's recipe, kept as the benchmark's baseline: a cross-layer transcoder, random initialisation.
     "baseline": TrainConfig(kind="clt", n_features=128),
     # Per-layer transcoders with an affine skip connection that starts as the least-squares fit of each MLP, so the
-    # features only learn what a linear map cannot; encoder rows start as their decoder rows; each model pass over a
-    # shuffle chunk feeds two passes of larger batches (the model forward is most of a CPU step's cost).
+    # features only learn what a linear map cannot (the skip then moves at 1 % of the learning rate: Adam would
+    # move each of its d² entries by about the learning rate per step and undo the fit); encoder rows start as their
+    # small decoder rows; each model pass over a shuffle chunk feeds two passes of larger batches (the model forward
+    # is most of a CPU step's cost).
     "cpu": TrainConfig(
         kind="plt",
         n_features=512,
         skip=True,
         skip_init="least_squares",
         encoder_init="decoder",
+        skip_lr_scale=0.01,
+        init_tokens=16384,
         stream=StreamConfig(batch_size=1024, chunk_sequences=128, passes=2),
     ),
 }
+
+
+if tuple(RECIPES) != TRAINING_RECIPE_NAMES:  # the CLI's help lists the names from atlas.config without torch
+    raise ImportError(f"atlas.config.TRAINING_RECIPE_NAMES {TRAINING_RECIPE_NAMES} != recipes {tuple(RECIPES)}")
 
 
 def recipe_names() -> tuple[str, ...]:

@@ -49,6 +49,9 @@ TRANSCODER_DIR = "transcoders"
 
 
 SKIP_INITS = ("zero", "least_squares")
+# Norm of each feature's (concatenated) decoder rows when encoders start from decoders: small, so that the
+# untrained features barely disturb what the skip already reconstructs (normalised units: E‖y‖ = √d_model).
+DECODER_INIT_NORM = 0.1
 ENCODER_INITS = ("random", "decoder")
 
 
@@ -77,6 +80,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     skip_init: str = "zero"  # "least_squares": W_skip and b_dec start as the ridge fit of the MLP (needs skip)
     encoder_init: str = "random"  # "decoder": each encoder row starts as its feature's (own-layer) decoder row
+    skip_lr_scale: float = 1.0  # the skip's learning rate relative to the rest (Adam moves all its d² entries)
     init_tokens: int = 8192  # tokens the least-squares skip fit reads at set-up (they are trained on too)
     cpu_budget_s: float | None = None  # stop after this much process CPU time; schedules follow its fraction
     checkpoint_every: int = 50
@@ -100,6 +104,7 @@ class TrainConfig:
                 "keep_checkpoints": (self.keep_checkpoints, 1),
                 "log_every": (self.log_every, 1),
                 "init_tokens": (self.init_tokens, 1),
+                "skip_lr_scale": (self.skip_lr_scale, 0.0),
                 "cpu_budget_s": (self.cpu_budget_s, 1.0),
             },
         )
@@ -240,7 +245,13 @@ class Trainer:
         ).to(self.model.device)
 
     def _optimizer(self, transcoder: EncoderStack) -> torch.optim.Optimizer:
-        return torch.optim.Adam(transcoder.parameters(), lr=self.config.learning_rate, betas=(0.9, 0.999))
+        """Adam; with `skip_lr_scale != 1` the skip gets its own parameter group (its `lr_scale` is kept there)."""
+        lr, scale = self.config.learning_rate, self.config.skip_lr_scale
+        if transcoder.W_skip is None or scale == 1.0:
+            return torch.optim.Adam(transcoder.parameters(), lr=lr, betas=(0.9, 0.999))
+        rest = [p for name, p in transcoder.named_parameters() if name != "W_skip"]
+        groups = [{"params": rest, "lr_scale": 1.0}, {"params": [transcoder.W_skip], "lr_scale": scale}]
+        return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999))
 
     def initial_batch_count(self) -> int:
         """Batches set-up reads: the first (normalisation scales), or enough for the least-squares skip fit."""
@@ -267,6 +278,7 @@ class Trainer:
                 transcoder.W_skip.copy_(weight)
                 transcoder.b_dec.copy_(bias)
             if cfg.encoder_init == "decoder":
+                _scale_decoder_rows(transcoder, DECODER_INIT_NORM)
                 every = torch.arange(self.spec.n_features)
                 own = [transcoder.decoder_vectors(layer, every)[:, 0, :] for layer in range(self.spec.n_layers)]
                 transcoder.W_enc.copy_(torch.stack(own))
@@ -286,6 +298,7 @@ class Trainer:
     def run(self, *, fresh: bool = False, on_progress: ProgressCallback | None = None) -> TrainResult:
         cfg = self.config
         phase_start = time.perf_counter()
+        setup_cpu_start = time.process_time()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if fresh:
             for path in self.checkpoint_dir.glob("step_*.pt"):
@@ -305,6 +318,7 @@ class Trainer:
             state = self._fresh_state(initial)
             batches = itertools.chain(initial, batches)
         eval_tokens = self.stream.evaluation_tokens()
+        state.cpu_seconds += time.process_time() - setup_cpu_start  # a CPU budget pays for set-up too
         log.info("phase set-up done in %.1fs", time.perf_counter() - phase_start)
 
         phase_start = time.perf_counter()
@@ -359,7 +373,8 @@ class Trainer:
                 step = self._schedule_step(state)
                 lam = obj.sparsity_lambda_at(step, cfg.steps, cfg.sparsity_lambda)
                 for group in state.optimizer.param_groups:
-                    group["lr"] = base_lr * obj.lr_factor_at(step, cfg.steps, cfg.lr_decay_fraction)
+                    factor = obj.lr_factor_at(step, cfg.steps, cfg.lr_decay_fraction)
+                    group["lr"] = base_lr * factor * group.get("lr_scale", 1.0)
                 normalised_targets = targets * s_out
                 output, loss = train_step(
                     tc,
@@ -519,3 +534,15 @@ def train_step(
     torch.nn.utils.clip_grad_norm_(transcoder.parameters(), config.grad_clip)
     optimizer.step()
     return output, loss
+
+
+@torch.no_grad()
+def _scale_decoder_rows(transcoder: EncoderStack, norm: float) -> None:
+    """Rescale every feature's decoder rows so that its decoder norm (over all its output layers) is `norm`."""
+    factor = norm / transcoder.decoder_norms().clamp(min=1e-12)  # (n_layers, n_features)
+    decoders: Any = transcoder.W_dec
+    if isinstance(decoders, torch.nn.ParameterList):  # cross-layer: W_dec[source] (F, n_outputs, d)
+        for source, weights in enumerate(decoders):
+            weights.mul_(factor[source].view(-1, 1, 1))
+    else:  # per-layer: W_dec (n_layers, F, d)
+        decoders.mul_(factor.unsqueeze(-1))
