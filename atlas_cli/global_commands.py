@@ -246,4 +246,7 @@ def neo4j_relationships(
 
 
 def register(app: typer.Typer) -> None:
+    from atlas_cli.motif_commands import motifs
+
+    global_app.command("motifs")(motifs)
     app.add_typer(global_app, name="global")
