@@ -246,7 +246,8 @@ def neo4j_relationships(
 
 
 def register(app: typer.Typer) -> None:
-    from atlas_cli.motif_commands import motifs
+    from atlas_cli.motif_commands import clusters, motifs
 
     global_app.command("motifs")(motifs)
+    global_app.command("clusters")(clusters)
     app.add_typer(global_app, name="global")

@@ -134,3 +134,50 @@ def _print_alternatives(driver: Any, database: str, kind: str | None, min_suppor
         ends = f"{texts.get(g.source, _short(g.source))} → {texts.get(g.end, _short(g.end))}"
         table.add_row(g.kind, ends, str(g.n_prompts), str(g.exclusive_prompts), routes)
     Console(width=200).print(table)
+
+
+def clusters(
+    action: Annotated[str, typer.Argument(help="build | list")],
+    eps: Annotated[float, typer.Option(min=0.0, max=1.0, help="build: DBSCAN radius, a cosine distance.")] = 0.5,
+    min_samples: Annotated[int, typer.Option(min=2, help="build: neighbours (itself included) of a core prompt.")] = 2,
+    neighbours: Annotated[int, typer.Option(min=1, max=1000, help="build: nearest prompts kept per prompt.")] = 15,
+    top: Annotated[int, typer.Option(min=1, max=10_000, help="list: clusters shown.")] = 10,
+) -> None:
+    """Prompts grouped by shared circuitry (influence-weighted features): build them, or list them."""
+    if action not in CLUSTER_ACTIONS:
+        fail(ValueError(f"unknown action {action!r}; expected one of {CLUSTER_ACTIONS}"))
+    if not 0.0 < eps < 1.0:
+        fail(ValueError(f"--eps must be in (0, 1), got {eps}"))
+    from rich.progress import Progress
+
+    from atlas.analysis.corpus_motifs import cluster_store
+    from atlas.storage.clusters import list_clusters
+
+    driver, database = store_driver(start=True)
+    with driver:
+        try:
+            if action == "build":
+                with Progress(console=console, transient=True) as bar:
+                    task = bar.add_task("prompts", total=None)
+
+                    def progress(done: int, total: int) -> None:
+                        bar.update(task, completed=done, total=total)
+
+                    report = cluster_store(driver, database, eps=eps, min_samples=min_samples,
+                                           n_neighbours=neighbours, progress=progress)  # fmt: skip
+                timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
+                console.print(
+                    f"{report.n_clusters} clusters of {report.n_prompts} prompts ({report.n_unclustered} unclustered);"
+                    f" {report.candidate_pairs} candidate pairs compared of {report.all_pairs} ({timings})"
+                )
+                return
+            rows = list_clusters(driver, database, limit=top)
+        except _errors() as err:  # ClusterError / ClusterStoreError are ValueErrors
+            fail(err)
+    table = Table("cluster", "size", "cohesion", "tasks", "prompts (first 5)", "characteristic features", "motifs",
+                  title="prompt clusters")  # fmt: skip
+    for r in rows:
+        table.add_row(r["key"], str(r["size"]), f"{r['cohesion']:.2f}", ", ".join(t for t in r["tasks"] if t),
+                      " | ".join(t[:40] for t in r["texts"]), ", ".join(_short(f) for f in r["features"][:4]),
+                      str(len(r["motifs"])))  # fmt: skip
+    Console(width=220).print(table)

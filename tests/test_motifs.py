@@ -243,3 +243,55 @@ def test_planted_two_hop_path_is_the_top_motif_and_updates_are_incremental(
         bad = runner.invoke(app, ["global", "motifs", *args])
         assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
     assert _state(neo4j_driver, database) == before
+
+
+def _clusters(driver: Driver, database: str) -> list[tuple[object, ...]]:
+    return [tuple(r.values()) for r in driver.execute_query(
+        "MATCH (c:Cluster) OPTIONAL MATCH (c)-[:CONTAINS]->(p:Prompt) WITH c, p ORDER BY p.id "
+        "RETURN c.key, c.size, round(c.cohesion, 9), c.features, c.motifs, collect(p.id) ORDER BY c.key",
+        database_=database).records]  # fmt: skip
+
+
+def test_planted_prompts_cluster_by_their_circuit_idempotently(
+    planted_store: tuple[GraphWriter, str, dict[str, tuple[dict[str, object], object, object]]],
+    neo4j_driver: Driver, neo4j_connection: Neo4jConnection,
+) -> None:  # fmt: skip
+    """Prompts ending in 'A' run the planted two hops, the others the distractors: two clusters, each characterised
+    by its own features (and the planted cluster by the planted motif); a rebuild stores the same."""
+    _, tc, graphs = planted_store
+    database = neo4j_connection.database
+    runner = CliRunner()
+    neo4j_driver.execute_query("MATCH (c:Cluster) DETACH DELETE c", database_=database)
+    neo4j_driver.execute_query("MATCH (r:ClusterRun) DELETE r", database_=database)
+    empty = runner.invoke(app, ["global", "clusters", "list"])
+    assert empty.exit_code == 2 and "no clusters stored" in empty.output, empty.output
+    assert runner.invoke(app, ["global", "motifs", "mine"]).exit_code == 0
+    built = runner.invoke(app, ["global", "clusters", "build"])
+    assert built.exit_code == 0 and "clusters of" in built.output, built.output
+    state = _clusters(neo4j_driver, database)
+    a_ids = {f"{tc}-{i}" for i in range(len(A_PROMPTS))}
+    other_ids = set(graphs) - a_ids
+    ours = [c for c in state if set(c[5]) & set(graphs)]  # type: ignore[arg-type]
+    assert {frozenset(c[5]) for c in ours} == {frozenset(a_ids), frozenset(other_ids)}  # type: ignore[arg-type]
+    planted_cluster = next(c for c in ours if set(c[5]) == a_ids)  # type: ignore[arg-type]
+    hop_keys = {f"{tc}/{HOP1[0]}/{HOP1[1]}", f"{tc}/{HOP2[0]}/{HOP2[1]}"}
+    assert hop_keys <= set(planted_cluster[3]), planted_cluster  # type: ignore[arg-type]
+    assert any(k.startswith(f"logit:{tc}/0/0 > {tc}/1/0 > ") for k in planted_cluster[4]), planted_cluster  # type: ignore[union-attr]
+    other_cluster = next(c for c in ours if set(c[5]) == other_ids)  # type: ignore[arg-type]
+    assert not hop_keys & set(other_cluster[3])  # type: ignore[arg-type]
+    # Cypher: a prompt's cluster and the cluster's characteristic features
+    rows = neo4j_driver.execute_query(
+        "MATCH (c:Cluster)-[:CONTAINS]->(:Prompt {id: $p}) MATCH (c)-[r:CHARACTERISED_BY]->(f:Feature) "
+        "RETURN f.key AS key ORDER BY r.rank", p=f"{tc}-0", database_=database).records  # fmt: skip
+    assert hop_keys <= {r["key"] for r in rows}
+    listed = runner.invoke(app, ["global", "clusters", "list"])
+    assert listed.exit_code == 0 and "xyA" in listed.output, listed.output
+    assert runner.invoke(app, ["global", "clusters", "build"]).exit_code == 0
+    assert _clusters(neo4j_driver, database) == state, "a rebuild stores the same clusters"
+    for args, message in ((["build", "--eps", "0"], "--eps"), (["build", "--min-samples", "1"], "min-samples"),
+                          (["group"], "unknown action"), (["build", "--neighbours", "0"], "neighbours")):  # fmt: skip
+        bad = runner.invoke(app, ["global", "clusters", *args])
+        assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
+    assert _clusters(neo4j_driver, database) == state
+    neo4j_driver.execute_query("MATCH (c:Cluster) DETACH DELETE c", database_=database)
+    neo4j_driver.execute_query("MATCH (r:ClusterRun) DELETE r", database_=database)
