@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from neo4j import Driver
+from neo4j import Driver, RoutingControl
 
 CLUSTER, CLUSTER_RUN, REL_CONTAINS, REL_CHARACTERISED_BY = "Cluster", "ClusterRun", "CONTAINS", "CHARACTERISED_BY"
 RUN_NAME = "clusters"
@@ -80,7 +80,10 @@ def replace_clusters(
 
 def cluster_run(driver: Driver, database: str) -> dict[str, Any] | None:
     records = driver.execute_query(
-        "MATCH (r:ClusterRun {name: $name}) RETURN properties(r) AS r", name=RUN_NAME, database_=database
+        "MATCH (r:ClusterRun {name: $name}) RETURN properties(r) AS r",
+        name=RUN_NAME,
+        database_=database,
+        routing_=RoutingControl.READ,
     ).records
     return dict(records[0]["r"]) if records else None
 
@@ -95,6 +98,6 @@ def list_clusters(driver: Driver, database: str, *, limit: int = 20, prompts: in
         "RETURN c.key AS key, c.index AS index, c.size AS size, c.cohesion AS cohesion, c.features AS features, "
         "c.motifs AS motifs, collect(p.id)[..$n] AS prompt_ids, collect(p.text)[..$n] AS texts, "
         "collect(DISTINCT p.task) AS tasks ORDER BY index",
-        limit=limit, n=prompts, database_=database,
+        limit=limit, n=prompts, database_=database, routing_=RoutingControl.READ,
     ).records  # fmt: skip
     return [dict(r) for r in records]

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from neo4j import Driver
+from neo4j import Driver, RoutingControl
 
 from atlas.storage.graph_schema import ERROR_NODE, FEATURE_ACTIVATION, INPUT_TOKEN, LOGIT_TARGET
 
@@ -101,7 +101,10 @@ def read_prompt_graphs(driver: Driver, database: str, prompt_ids: Sequence[str])
 
 def motif_run(driver: Driver, database: str) -> dict[str, Any] | None:
     records = driver.execute_query(
-        "MATCH (r:MotifRun {name: $name}) RETURN properties(r) AS r", name=RUN_NAME, database_=database
+        "MATCH (r:MotifRun {name: $name}) RETURN properties(r) AS r",
+        name=RUN_NAME,
+        database_=database,
+        routing_=RoutingControl.READ,
     ).records
     return dict(records[0]["r"]) if records else None
 
@@ -238,6 +241,7 @@ def list_motifs(
         f"RETURN m.key AS key, m.kind AS kind, m.nodes AS nodes, m.support AS support, m.total_strength AS total, "
         f"m.mean_strength AS mean, alternatives ORDER BY {sort} LIMIT $limit",
         kind=kind, min_support=min_support, limit=limit, feature=feature, database_=database,
+        routing_=RoutingControl.READ,
     ).records  # fmt: skip
     return [dict(r) for r in records]
 
@@ -249,6 +253,7 @@ def motif_contributions(driver: Driver, database: str) -> dict[str, list[dict[st
         "MATCH (m:Motif)-[s:SEEN_IN]->(p:Prompt) RETURN p.id AS pid, m.key AS key, m.kind AS kind, m.nodes AS nodes, "
         "s.strength AS strength, s.n_paths AS n_paths ORDER BY pid, key",
         database_=database,
+        routing_=RoutingControl.READ,
     ).records
     out: dict[str, list[dict[str, Any]]] = {}
     for r in records:
