@@ -7,10 +7,11 @@ from __future__ import annotations
 import pandas as pd
 import plotly.express as px
 import streamlit as st
+from neo4j import RoutingControl
 
 from app.resources import show_error, store
 from app.store import parse_feature_key
-from atlas.storage.clusters import list_clusters
+from atlas.storage.clusters import cluster_run, list_clusters
 from atlas.storage.global_weights import read_global_weights
 from atlas.storage.motifs import list_motifs, motif_run
 
@@ -27,9 +28,19 @@ def short(key: str) -> str:
     return "/".join(parts[-2:]) if len(parts) >= 3 else key
 
 
+def token_texts(keys: set[str]) -> dict[str, str]:
+    """Token key → its text in quotes (motif ends and token chains are Token keys "model/id")."""
+    records = s.driver.execute_query(
+        "UNWIND $keys AS k MATCH (t:Token {key: k}) RETURN t.key AS k, t.text AS text", keys=sorted(keys),
+        database_=s.database, routing_=RoutingControl.READ,
+    ).records  # fmt: skip
+    return {r["k"]: repr(r["text"]) for r in records}
+
+
 def motif_frame(rows: list[dict]) -> pd.DataFrame:
+    texts = token_texts({n for r in rows for n in r["nodes"]})
     return pd.DataFrame(
-        [{"kind": r["kind"], "path": " → ".join(short(n) for n in r["nodes"]), "support": r["support"],
+        [{"kind": r["kind"], "path": " → ".join(texts.get(n, short(n)) for n in r["nodes"]), "support": r["support"],
           "mean strength": r["mean"], "total": r["total"], "alternatives": r["alternatives"]} for r in rows]
     )  # fmt: skip
 
@@ -111,10 +122,17 @@ with motif_tab:
 
 with cluster_tab:
     try:
-        clusters = list_clusters(s.driver, s.database, limit=50, prompts=20)
+        crun = cluster_run(s.driver, s.database)
+        clusters = list_clusters(s.driver, s.database, limit=50, prompts=20) if crun else []
     except Exception as err:
         show_error(err, "clusters unavailable")
-        clusters = []
+        crun, clusters = None, []
+    if crun is None:
+        st.caption("No clusters stored yet: `atlas global clusters build`.")
+    else:
+        st.caption(f"{crun['n_clusters']} clusters of {crun['n_prompts']} prompts ({crun['n_unclustered']}"
+                   f" unclustered: sharing their circuitry with too few others) · DBSCAN eps {crun['eps']}"
+                   " (cosine distance)")  # fmt: skip
     if clusters:
         st.dataframe(
             pd.DataFrame([{"cluster": c["key"], "size": c["size"], "cohesion": c["cohesion"],
