@@ -12,6 +12,8 @@ share of the target's input that comes through that edge, as in circuit-tracer's
 `x → … → logit` has strength `p(logit) · Π n(e)`: the share of the prompt's output mass (logit targets weighted by
 their probability) that flows along that path. Strengths multiply to ≤ 1 and only shrink as a path grows, so a
 backward depth-first search from each logit that stops below `min_strength` finds exactly every path at or above it.
+The strengths of all paths of one length sum to at most Σ p(logit) ≤ 1 (each normalised row sums to ≤ 1), so a
+prompt has at most 1/`min_strength` such paths per length: the search is bounded whatever the graph's size.
 
 Two motif kinds, both keyed by feature identity (the position a feature fired at is not part of the key):
 - `logit`: `f1 → … → fn → logit` with 2 ≤ n ≤ `max_features` features (2–4 feature hops ending at a logit);
