@@ -138,7 +138,7 @@ def _print_alternatives(driver: Any, database: str, kind: str | None, min_suppor
 
 def clusters(
     action: Annotated[str, typer.Argument(help="build | list")],
-    eps: Annotated[float, typer.Option(min=0.0, max=1.0, help="build: DBSCAN radius, a cosine distance.")] = 0.5,
+    eps: Annotated[float, typer.Option(min=0.0, max=1.0, help="build: DBSCAN radius, a cosine distance.")] = 0.3,
     min_samples: Annotated[int, typer.Option(min=2, help="build: neighbours (itself included) of a core prompt.")] = 2,
     neighbours: Annotated[int, typer.Option(min=1, max=1000, help="build: nearest prompts kept per prompt.")] = 15,
     top: Annotated[int, typer.Option(min=1, max=10_000, help="list: clusters shown.")] = 10,

@@ -97,7 +97,7 @@ class ClusterReport:
 
 
 def cluster_store(
-    driver: Driver, database: str, *, eps: float = 0.5, min_samples: int = 2, n_neighbours: int = 15,
+    driver: Driver, database: str, *, eps: float = 0.3, min_samples: int = 2, n_neighbours: int = 15,
     signature_features: int = 32, batch: int = 64, progress: Callable[[int, int], None] | None = None,
 ) -> ClusterReport:  # fmt: skip
     """Cluster every stored prompt by shared circuitry and replace the store's `(:Cluster)` nodes."""
