@@ -5,6 +5,8 @@
     atlas global show --transcoders runs/demo/transcoders --feature 3/17     # one feature's stored partners
     atlas global compare --transcoders runs/demo/transcoders     # Spearman vs the stored AGG_EDGE mean attribution
     atlas global neo4j --transcoders runs/demo/transcoders       # GLOBAL_WEIGHT relationships between stored Features
+    atlas global motifs mine|update|list                         # recurring paths (atlas_cli.motif_commands)
+    atlas global clusters build|list                             # prompts grouped by shared circuitry
 
 The dictionary is checked against the model before anything loads (layer count, width, the model it was trained on);
 the whole result is computed before the store is touched, and written by snapshot swap, replacing the previous rows
@@ -246,4 +248,8 @@ def neo4j_relationships(
 
 
 def register(app: typer.Typer) -> None:
+    from atlas_cli.motif_commands import clusters, motifs
+
+    global_app.command("motifs")(motifs)
+    global_app.command("clusters")(clusters)
     app.add_typer(global_app, name="global")

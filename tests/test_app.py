@@ -617,3 +617,78 @@ def test_unreachable_store_shows_a_readable_error_on_every_page(monkeypatch: pyt
             at.switch_page(page).run()
         assert not at.exception, at.exception
         assert at.error and "does not answer" in at.error[0].value, (page, errors(at))
+
+
+def global_circuits_store(app_env: AtlasFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Global weights (DuckDB), motifs and clusters (Neo4j) of the fixture store, by the CLI as a user makes them."""
+    from typer.testing import CliRunner
+
+    from atlas_cli.main import app as cli
+
+    monkeypatch.setenv("NEO4J_URI", app_env.connection.uri)  # the CLI's variable; the app reads ATLAS_NEO4J_URI
+    runner = CliRunner()
+    for args in (["weights", "--transcoders", str(app_env.transcoder_dir), "--model", app_env.model_name, "--k", "8"],
+                 ["motifs", "mine", "--min-strength", "0.0001"], ["clusters", "build"]):  # fmt: skip
+        result = runner.invoke(cli, ["global", *args])
+        assert result.exit_code == 0, result.output
+    monkeypatch.delenv("NEO4J_URI")
+
+
+def test_global_circuits_page_shows_weights_motifs_and_clusters(
+    app_env: AtlasFixture, neo4j_driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.store import parse_feature_key
+    from atlas.storage.clusters import list_clusters
+    from atlas.storage.global_weights import read_global_weights
+    from atlas.storage.motifs import list_motifs
+
+    global_circuits_store(app_env, monkeypatch)
+    database = app_env.connection.database
+    try:
+        path = app_env.two_hop or app_env.one_hop
+        key = path.source_key
+        at = app_test("views/global_circuits.py")
+        assert not errors(at), errors(at)
+        at.text_input(key="global_feature").set_value(key).run()
+        assert not errors(at), errors(at)
+        tc, layer, index = parse_feature_key(key)
+        stored = read_global_weights(app_env.stats_db, tc, layer, index)
+        wanted = [[(f"{tc}/{r['partner_layer']}/{r['partner']}", r["v"]) for r in stored if r["relation"] == rel][:12]
+                  for rel in ("feature_in", "feature_out")]  # fmt: skip
+        shown = frames(at, "partner", "v", "era", "twera", "empirical mean attribution")
+        assert [list(zip(f["partner"], f["v"], strict=True)) for f in shown] == [w for w in wanted if w]
+        assert wanted[1], "a layer-0 feature of the tiny CLT writes to later features"
+        # the empirical column is the aggregate layer's mean attribution of the same pair
+        agg = {r["t"]: r["mean"] for r in neo4j_driver.execute_query(
+            "MATCH (:Feature {key: $k})-[g:AGG_EDGE]->(t:Feature) RETURN t.key AS t, "
+            "toFloat(g.sum_weight_fx) / 2.0 ^ 32 / g.n_prompts AS mean", k=key, database_=database,
+        ).records}  # fmt: skip
+        for partner, mean in zip(shown[-1]["partner"], shown[-1]["empirical mean attribution"], strict=True):
+            if partner in agg:
+                assert mean == pytest.approx(agg[partner], rel=1e-6, abs=1e-9)
+            else:
+                assert pd_isna(mean)
+        through = list_motifs(neo4j_driver, database, feature=key, limit=25)
+        corpus = list_motifs(neo4j_driver, database, kind="logit", order="support", limit=50)
+        assert corpus, "the fixture's graphs hold feature → feature → logit paths"
+        motif_frames = frames(at, "path", "support", "mean strength")
+        assert len(motif_frames) == (2 if through else 1)
+        if through:
+            assert list(motif_frames[0]["support"]) == [r["support"] for r in through]
+        assert list(motif_frames[-1]["support"]) == [r["support"] for r in corpus]
+        assert len(at.get("plotly_chart")) >= 2
+        clusters = list_clusters(neo4j_driver, database, limit=50, prompts=20)
+        cluster_frames = frames(at, "cluster", "size", "cohesion")
+        assert [list(f["size"]) for f in cluster_frames] == ([[c["size"] for c in clusters]] if clusters else [])
+        # a malformed key is a readable error, not a crash
+        at.text_input(key="global_feature").set_value("not-a-key").run()
+        assert not at.exception and any("feature key" in e.value for e in at.error), errors(at)
+    finally:
+        neo4j_driver.execute_query("MATCH (n) WHERE n:Motif OR n:MotifRun OR n:Cluster OR n:ClusterRun DETACH DELETE n",
+                                   database_=database)  # fmt: skip
+
+
+def pd_isna(value: object) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_app import AtlasFixture, atlas_store  # noqa: F401  (session fixture shared with the AppTest tests)
+from test_app import AtlasFixture, atlas_store, global_circuits_store  # noqa: F401  (session fixture shared with the AppTest tests)
 
 from atlas.storage.neo4j_server import free_loopback_port
 
@@ -149,6 +149,14 @@ def click_button(driver: object, text: str) -> None:
     button.click()
 
 
+def click_tab(driver: object, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    tabs = driver.find_elements(By.CSS_SELECTOR, "[data-testid='stTab']")  # type: ignore[attr-defined]
+    tab = next(t for t in tabs if t.text.strip() == text)
+    driver.execute_script("arguments[0].click();", tab)  # type: ignore[attr-defined]
+
+
 def commit(element: object) -> None:
     """Type into a Streamlit text area and commit it (Ctrl+Enter), as a user would before clicking."""
     from selenium.webdriver.common.keys import Keys
@@ -156,7 +164,12 @@ def commit(element: object) -> None:
     element.send_keys(Keys.CONTROL, Keys.ENTER)  # type: ignore[attr-defined]
 
 
-def test_every_page_in_a_real_browser(app_url: str, browser: object, atlas_store: AtlasFixture) -> None:  # noqa: F811
+def test_every_page_in_a_real_browser(
+    app_url: str,
+    browser: object,
+    atlas_store: AtlasFixture,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -289,3 +302,33 @@ def test_every_page_in_a_real_browser(app_url: str, browser: object, atlas_store
     assert values[0] == "1"  # one edit
     assert float(values[1]) > 0  # the intervention changed the next-token distribution
     shot(d, "6-interventions")
+
+    # 7. Global circuits: global weights, motifs and clusters made by the CLI, then the feature / motif / cluster views
+    for name, value in atlas_store.env().items():
+        monkeypatch.setenv(name, value)
+    global_circuits_store(atlas_store, monkeypatch)
+    try:
+        d.get(f"{app_url}/global?feature={one.source_key}")  # type: ignore[attr-defined]
+        wait_text(d, "Strongest global outputs")
+        wait_text(d, "Motifs through this feature")
+        wait_idle(d)
+        no_errors(d)
+        assert len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 1  # type: ignore[attr-defined]
+        shot(d, "7-global-feature")
+        click_tab(d, "Motifs by support")
+        wait_text(d, "prompts mined")
+        wait_idle(d)
+        no_errors(d)
+        shot(d, "7-global-motifs")
+        click_tab(d, "Prompt clusters")
+        wait_text(d, "unclustered")
+        wait_idle(d)
+        no_errors(d)
+        shot(d, "7-global-clusters")
+    finally:
+        from neo4j import GraphDatabase
+
+        c = atlas_store.connection
+        with GraphDatabase.driver(c.uri, auth=(c.user, c.password)) as driver:
+            driver.execute_query("MATCH (n) WHERE n:Motif OR n:MotifRun OR n:Cluster OR n:ClusterRun DETACH DELETE n",
+                                 database_=c.database)  # fmt: skip

@@ -54,6 +54,14 @@ re-ingest; an additive constraint, so no schema version change):
     (:Validation)-[:ON {necessity_zero, sufficiency_frozen_errors, necessity_p, sufficiency_p, beats_null, ...}]->
         (:Prompt {agreement})
 
+Corpus-structure layer (`atlas global motifs` / `clusters`; additive constraints, no schema version change; written
+only by those commands, never by a prompt re-ingest; see `atlas.storage.motifs` and `atlas.storage.clusters`):
+
+    (:Motif {key, kind, nodes, source, end, support, total_strength, mean_strength})-[:HAS {pos}]->(:Feature | :Token)
+    (:Motif)-[:SEEN_IN {strength, n_paths, ingested_at}]->(:Prompt {motifs_at})
+    (:Cluster {key, index, size, cohesion, features, motifs})-[:CONTAINS]->(:Prompt)
+    (:Cluster)-[:CHARACTERISED_BY {rank, score}]->(:Feature | :Motif)
+
 Prompt metadata is free-form besides the required keys; the optional `task` (e.g. "capitals") and `run` are indexed
 for the app's overview and filters.
 
