@@ -150,7 +150,8 @@ def test_noise_floor_and_bootstrap() -> None:
     reference = [diff_graphs(f"r{i}", a, _chain([1.0, 2.0 + 0.05 * i, 1.0], [0, 0]), {(0, 0): 0, (1, 0): 0})
                  for i in range(5)]  # fmt: skip
     floor = noise_floor(reference)
-    assert 0 < floor.prompt_dissimilarity < 0.05
+    assert 0 < floor.prompt_dissimilarity < 0.05 and floor.for_prompt("r3") == floor.per_prompt["r3"]
+    assert floor.for_prompt("real") == floor.pooled
     real = diff_graphs("real", a, _chain([1.0, 2.0, 1.0], [0, 5]), {(0, 0): 0})
     small = diff_graphs("small", a, _chain([1.0, 2.05, 1.0], [0, 0]), {(0, 0): 0, (1, 0): 0})
     assert prompts_exceeding([real, small], floor) == ["real"]
