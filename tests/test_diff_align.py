@@ -25,11 +25,13 @@ from atlas.diff.align import (
     mutual_nearest,
     one_to_many,
 )
+from atlas.diff.behaviour import TransferError, effects_agree, transfer_ablation
 from atlas.diff.graph_diff import GNode, Graph, corpus_summary, diff_graphs
 from atlas.diff.noise import NoiseFloorError, bootstrap_interval, noise_floor, prompts_exceeding
 from atlas.transcoders.activations import ActivationConfig
 from atlas.transcoders.base import TranscoderSpec
 from atlas.transcoders.per_layer import PerLayerTranscoder
+from atlas.validation.validate import TargetSpec
 
 
 def _permuted_copy(n: int, d: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -166,3 +168,25 @@ def test_feature_activations_drop_bos() -> None:
     acts = feature_activations(model, planted_transcoder(model), ["A"])
     assert acts.shape == (2, 1, D_MLP) and acts[0, 0, 0] > 0  # hop 1 fires on 'A'
     assert torch.is_tensor(torch.as_tensor(acts))
+
+
+def test_ablation_transfers_where_the_circuit_is_shared_and_not_where_it_was_rewired() -> None:
+    order = [[3, 0, 5, 1, 2, 4], [2, 4, 0, 5, 1, 3]]
+    model_a, model_b = planted_model(), planted_model(rewired=True, order=order)
+    tc_a, tc_b = planted_transcoder(model_a), planted_transcoder(model_b)
+    mapping = align_dictionaries(tc_a, tc_b).one_to_one()
+    texts = ["xyzA", "qA"]
+    hop2 = transfer_ablation(model_a, tc_a, model_b, tc_b, [(1, 0)], mapping, texts, TargetSpec.token("B"))
+    assert hop2.circuit_b == ((1, 2),) and hop2.agreement == 1.0
+    assert all(p.effect_a > 0.9 and p.effect_b > 0.9 for p in hop2.prompts)
+    # hop 1 carries the target in A; in B hop 2 reads the token itself, so ablating hop 1's partner does not remove it
+    hop1 = transfer_ablation(model_a, tc_a, model_b, tc_b, [(0, 0)], mapping, texts, TargetSpec.token("B"))
+    assert hop1.circuit_b == ((0, 3),) and hop1.agreement == 0.0
+    assert all(p.effect_a > 0.9 and p.effect_b < 0.1 for p in hop1.prompts)
+    with pytest.raises(TransferError, match="no feature"):
+        transfer_ablation(model_a, tc_a, model_b, tc_b, [(0, 4)], mapping, texts, TargetSpec.token("B"))
+
+
+def test_effects_agree() -> None:
+    assert effects_agree(0.9, 0.8) and not effects_agree(0.9, 0.5) and not effects_agree(0.9, -0.9)
+    assert effects_agree(0.01, -0.02) and not effects_agree(float("nan"), 0.5)

@@ -262,3 +262,27 @@ def test_bad_inputs_are_refused_and_nothing_is_written(neo4j_driver: Driver, wor
     with pytest.raises(DiffStoreError, match="no-such-prompt"):
         DiffStore(neo4j_driver, duck, db).write(record)
     assert _nothing_written(neo4j_driver, world, duck)
+
+
+def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(
+    neo4j_driver: Driver, neo4j_connection: object, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from atlas_cli.main import app
+
+    c = neo4j_connection
+    for name, value in (("NEO4J_URI", c.uri), ("NEO4J_USER", c.user), ("NEO4J_PASSWORD", c.password),  # type: ignore[attr-defined]
+                        ("NEO4J_DATABASE", c.database), ("ATLAS_STATS_DB", str(tmp_path / "stats.duckdb"))):  # type: ignore[attr-defined]  # fmt: skip
+        monkeypatch.setenv(name, value)
+    runner = CliRunner()
+    unknown = runner.invoke(app, ["diff", world.a.transcoder_id, "plt-0123456789abcdef"])
+    assert unknown.exit_code == 2 and "'plt-0123456789abcdef' is not in the store" in " ".join(unknown.output.split())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("only B\n")
+    empty = runner.invoke(app, ["diff", world.a.transcoder_id, world.b.transcoder_id, "--prompts", str(prompts)])
+    assert empty.exit_code == 2 and "prompt intersection is empty" in " ".join(empty.output.split())
+    bad = runner.invoke(app, ["diff", world.a.transcoder_id, world.b.transcoder_id, "--quantile", "0.2"])
+    assert bad.exit_code == 2 and "quantile" in bad.output
+    assert _nothing_written(neo4j_driver, world, tmp_path / "diffs.duckdb")
+    assert not (tmp_path / "diffs.duckdb").exists()
