@@ -286,3 +286,38 @@ def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(
     assert bad.exit_code == 2 and "quantile" in bad.output
     assert _nothing_written(neo4j_driver, world, tmp_path / "diffs.duckdb")
     assert not (tmp_path / "diffs.duckdb").exists()
+
+
+def test_app_compare_page_shows_the_stored_diff(
+    neo4j_driver: Driver, neo4j_connection: object, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    c = neo4j_connection
+    monkeypatch.delenv("NEO4J_URI", raising=False)
+    for name, value in (("ATLAS_NEO4J_URI", c.uri), ("NEO4J_USER", c.user), ("NEO4J_PASSWORD", c.password),  # type: ignore[attr-defined]
+                        ("NEO4J_DATABASE", c.database), ("ATLAS_STATS_DB", str(tmp_path / "stats.duckdb"))):  # type: ignore[attr-defined]  # fmt: skip
+        monkeypatch.setenv(name, value)
+    result = diff_stored(neo4j_driver, world.database, world.a, world.b, reference=world.ref)
+    record = to_record(result)
+    store = DiffStore(neo4j_driver, tmp_path / "diffs.duckdb", world.database)
+    store.write(record)
+    try:
+        at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app" / "main.py"), default_timeout=120)
+        at.run()
+        at.switch_page("views/compare.py").run()
+        at.selectbox(key="diff_pick").select(record.id).run()
+        assert not at.exception and not at.error, (at.exception, at.error)
+        assert [m.value for m in at.metric][:2] == ["injective", "100.0%"]
+        prompts = next(d.value for d in at.dataframe if "cluster" in d.value.columns)
+        assert len(prompts) == len(TEXTS) and set(prompts["cluster"]) == {"changed", "unchanged"}
+        assert sorted(prompts.loc[prompts["cluster"] == "changed", "prompt"]) == sorted(WITH_A)
+        at.selectbox(key="diff_prompt_pick").select(world.prompts["a"]["xyzA"]).run()
+        changes = next(d.value for d in at.dataframe if "status" in d.value.columns)
+        assert sorted(changes["key"]) == sorted(["f0/0@4", "tok@4:A -> f0/0@4", "f0/0@4 -> f1/0@4",
+                                                 "tok@4:A -> f1/0@4"])  # fmt: skip
+        assert changes["exceeds_noise"].all()
+        # hop 2 is in both graphs (aligned: highlighted on both sides); hop 1's partner is not in B's graph
+        assert any(cap.value.startswith("highlighted: 1 feature node(s) of A") for cap in at.caption)
+    finally:
+        store.delete(record.id)

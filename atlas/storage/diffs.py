@@ -7,7 +7,7 @@ Neo4j (an additive extension of `atlas.storage.graph_schema`, no schema version 
             noise_dissimilarity, noise_reference, n_exceeding, max_divergence_layer})
         -[:A]->(:Transcoder)  -[:B]->(:Transcoder)
         -[:ON {similarity, node_overlap, edge_overlap, adjacency_similarity, spectral_similarity,
-               noise_dissimilarity, exceeds_noise, max_divergence_layer}]->(:Prompt)
+               noise_dissimilarity, exceeds_noise, max_divergence_layer, prompt_b, cluster}]->(:Prompt)
                                                              A's prompt of each shared text
     (:Feature)-[:ALIGNS_WITH {diff, decoder_cos, encoder_cos, act_corr, score, method}]->(:Feature)
                                                              A's feature to B's; only for features the store holds
@@ -116,7 +116,7 @@ def _write_neo4j(tx: ManagedTransaction, record: DiffRecord) -> int:
     ).consume()  # fmt: skip
     on = [{"pid": p["prompt_a"], "props": {k: _clean(p[k]) for k in ("similarity", "node_overlap", "edge_overlap",
            "adjacency_similarity", "spectral_similarity", "noise_dissimilarity", "exceeds_noise",
-           "max_divergence_layer")
+           "max_divergence_layer", "prompt_b", "cluster")
            if _clean(p.get(k)) is not None}} for p in record.prompts]  # fmt: skip
     tx.run("MATCH (d:Diff {id: $id}) UNWIND $rows AS row MATCH (p:Prompt {id: row.pid}) "
            "CREATE (d)-[o:ON]->(p) SET o = row.props", id=record.id, rows=on).consume()  # fmt: skip
