@@ -10,8 +10,9 @@ Steps (each a plain `atlas` command or a few lines here, printed as it runs):
    directory `OUT/base` (so both checkpoints are loaded the same way, by weights identity `hf-...`);
 2. a copy is fine-tuned (Adam, `--finetune-steps`) so that the fact prompts end in `--target` while the unrelated
    prompts keep their next-token distribution (a KL term against the base model), and saved as `OUT/finetuned`;
-3. `atlas train` trains a PLT for base with seeds 0 and 1 and one for the fine-tune with seed 0 (the fine-tune's
-   dictionary is trained from scratch: `atlas train` has no initialisation from another dictionary yet);
+3. `atlas train` trains a PLT for base with seeds 0 and 1, and one for the fine-tune initialised from base seed 0's
+   (`--init-from`: the fine-tune changes the weights a little, so its features start where the base's are and keep
+   their identity unless the fine-tune moved them);
 4. `atlas ingest` attributes `OUT/prompts.jsonl` (task "fact" / "other") under each dictionary into the store;
 5. `atlas diff BASE_S0 FINETUNED --reference BASE_S1` prints and stores the diff.
 
@@ -147,13 +148,15 @@ def main() -> None:
     for name, (model, seed) in dictionaries.items():
         directory = out / f"dict-{name}"
         if not (directory / "transcoders").exists():
+            init = ["--init-from", str(out / "dict-base-s0" / "transcoders")] if name == "finetuned" else []
             run(atlas, "train", "--model", str(model), "--kind", "plt", "--features", str(args.features), "--steps",
-                str(args.train_steps), "--seed", str(seed), "--out", str(directory))  # fmt: skip
+                str(args.train_steps), "--seed", str(seed), "--out", str(directory), *init)  # fmt: skip
         run(atlas, "ingest", "--corpus", str(corpus), "--model", str(model), "--transcoders",
             str(directory / "transcoders"), "--workers", args.workers, "--run", f"checkpoint-pair-{name}")  # fmt: skip
         from atlas.transcoders.identity import transcoder_identity
 
         ids[name] = transcoder_identity(directory / "transcoders").id
+    print("ids:", json.dumps(ids))
     run(atlas, "diff", ids["base-s0"], ids["finetuned"], "--reference", ids["base-s1"], "--prompts", str(corpus),
         "--model-a", str(base), "--model-b", str(tuned), "--transcoders-a", str(out / "dict-base-s0" / "transcoders"),
         "--transcoders-b", str(out / "dict-finetuned" / "transcoders"),

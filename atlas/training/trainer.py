@@ -144,7 +144,9 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 class Trainer:
     """Runs one training job into `out_dir` (metrics log, checkpoints, final transcoders)."""
 
-    def __init__(self, model: LoadedModel, config: TrainConfig, out_dir: str | Path) -> None:
+    def __init__(
+        self, model: LoadedModel, config: TrainConfig, out_dir: str | Path, *, init_from: EncoderStack | None = None
+    ) -> None:
         self.model = model
         self.config = config
         self.out_dir = Path(out_dir)
@@ -152,6 +154,17 @@ class Trainer:
             model, config.stream, input_hook=config.input_hook, output_hook=config.output_hook
         )
         self.spec = config.spec(model.info.n_layers, model.info.d_model)
+        # A saved dictionary (acting on raw activations) to start from instead of a random one, e.g. the base model's
+        # dictionary when training one for a fine-tune: the features keep their identity, so a diff aligns them.
+        self.init_from = init_from
+        if init_from is not None and (init_from.spec.kind, init_from.spec.n_layers, init_from.spec.d_model,
+                                      init_from.spec.n_features) != (self.spec.kind, self.spec.n_layers,
+                                                                     self.spec.d_model, self.spec.n_features):  # fmt: skip
+            raise TrainingError(
+                f"cannot initialise from a {init_from.spec.kind} of {init_from.spec.n_layers} layers × "
+                f"{init_from.spec.n_features} features (d_model {init_from.spec.d_model}): this run trains a "
+                f"{self.spec.kind} of {self.spec.n_layers} × {self.spec.n_features} (d_model {self.spec.d_model})"
+            )
 
     # --- checkpoints --------------------------------------------------------------------------------------
     @property
@@ -229,10 +242,16 @@ class Trainer:
         input_scale = obj.normalisation_scales(inputs)
         output_scale = obj.normalisation_scales(targets)
         rate = min(self.config.init_firing_rate, 10_000 / (self.spec.n_layers * self.spec.n_features))
-        with torch.no_grad():
-            normalised = inputs * input_scale.view(-1, 1, 1)
-            pre = torch.bmm(normalised, transcoder.W_enc.transpose(1, 2))
-            transcoder.b_enc.copy_(obj.encoder_bias_for_firing_rate(pre, self.config.initial_threshold, rate))
+        if self.init_from is not None:
+            # Training runs on normalised activations; unfolding (the inverse of `fold_normalisation`) makes the
+            # saved dictionary compute the same pre-activations and outputs on them.
+            transcoder.load_state_dict(self.init_from.state_dict())
+            transcoder.fold_normalisation(1 / input_scale, 1 / output_scale)
+        else:
+            with torch.no_grad():
+                normalised = inputs * input_scale.view(-1, 1, 1)
+                pre = torch.bmm(normalised, transcoder.W_enc.transpose(1, 2))
+                transcoder.b_enc.copy_(obj.encoder_bias_for_firing_rate(pre, self.config.initial_threshold, rate))
         return _State(
             step=0,
             transcoder=transcoder,
