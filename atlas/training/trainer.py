@@ -157,9 +157,9 @@ class Trainer:
         # A saved dictionary (acting on raw activations) to start from instead of a random one, e.g. the base model's
         # dictionary when training one for a fine-tune: the features keep their identity, so a diff aligns them.
         self.init_from = init_from
-        if init_from is not None and (init_from.spec.kind, init_from.spec.n_layers, init_from.spec.d_model,
-                                      init_from.spec.n_features) != (self.spec.kind, self.spec.n_layers,
-                                                                     self.spec.d_model, self.spec.n_features):  # fmt: skip
+        shape = (self.spec.kind, self.spec.n_layers, self.spec.d_model, self.spec.n_features)
+        if init_from is not None and shape != (init_from.spec.kind, init_from.spec.n_layers, init_from.spec.d_model,
+                                               init_from.spec.n_features):  # fmt: skip
             raise TrainingError(
                 f"cannot initialise from a {init_from.spec.kind} of {init_from.spec.n_layers} layers × "
                 f"{init_from.spec.n_features} features (d_model {init_from.spec.d_model}): this run trains a "
