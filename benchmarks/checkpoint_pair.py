@@ -14,7 +14,9 @@ Steps (each a plain `atlas` command or a few lines here, printed as it runs):
    (`--init-from`: the fine-tune changes the weights a little, so its features start where the base's are and keep
    their identity unless the fine-tune moved them);
 4. `atlas ingest` attributes `OUT/prompts.jsonl` (task "fact" / "other") under each dictionary into the store;
-5. `atlas diff BASE_S0 FINETUNED --reference BASE_S1` prints and stores the diff.
+5. `atlas diff BASE_S0 FINETUNED --reference X` prints and stores the diff, once with X = base-cont (base-s0
+   trained on for the same steps on the unchanged base model: the matched control of the fine-tune's dictionary) and
+   once with X = base-s1 (an independent seed).
 
 Expectation: the fact prompts change most, the unrelated ones stay within the noise floor of the two base seeds.
 """
@@ -143,12 +145,16 @@ def main() -> None:
     corpus = out / "prompts.jsonl"
     corpus.write_text("".join(json.dumps({"text": t, "task": task}) + "\n"
                               for task, texts in (("fact", FACTS), ("other", OTHERS)) for t in texts))  # fmt: skip
-    dictionaries = {"base-s0": (base, 0), "base-s1": (base, 1), "finetuned": (tuned, 0)}
+    # base-cont: the fine-tune's training procedure (init from base-s0, 200 more steps, another data seed) applied
+    # to the unchanged base model, the matched control of the fine-tune's dictionary; base-s1: an independent seed.
+    dictionaries = {"base-s0": (base, 0), "base-s1": (base, 1), "finetuned": (tuned, 0), "base-cont": (base, 1)}
     ids = {}
     for name, (model, seed) in dictionaries.items():
         directory = out / f"dict-{name}"
         if not (directory / "transcoders").exists():
-            init = ["--init-from", str(out / "dict-base-s0" / "transcoders")] if name == "finetuned" else []
+            init = (
+                ["--init-from", str(out / "dict-base-s0" / "transcoders")] if name in ("finetuned", "base-cont") else []
+            )
             run(atlas, "train", "--model", str(model), "--kind", "plt", "--features", str(args.features), "--steps",
                 str(args.train_steps), "--seed", str(seed), "--out", str(directory), *init)  # fmt: skip
         run(atlas, "ingest", "--corpus", str(corpus), "--model", str(model), "--transcoders",
@@ -157,10 +163,12 @@ def main() -> None:
 
         ids[name] = transcoder_identity(directory / "transcoders").id
     print("ids:", json.dumps(ids))
-    run(atlas, "diff", ids["base-s0"], ids["finetuned"], "--reference", ids["base-s1"], "--prompts", str(corpus),
-        "--model-a", str(base), "--model-b", str(tuned), "--transcoders-a", str(out / "dict-base-s0" / "transcoders"),
-        "--transcoders-b", str(out / "dict-finetuned" / "transcoders"),
-        "--transcoders-ref", str(out / "dict-base-s1" / "transcoders"))  # fmt: skip
+    for reference in ("base-cont", "base-s1"):
+        run(atlas, "diff", ids["base-s0"], ids["finetuned"], "--reference", ids[reference], "--prompts", str(corpus),
+            "--model-a", str(base), "--model-b", str(tuned),
+            "--transcoders-a", str(out / "dict-base-s0" / "transcoders"),
+            "--transcoders-b", str(out / "dict-finetuned" / "transcoders"),
+            "--transcoders-ref", str(out / f"dict-{reference}" / "transcoders"))  # fmt: skip
 
 
 if __name__ == "__main__":
