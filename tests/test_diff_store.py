@@ -184,6 +184,7 @@ def test_the_planted_difference_is_found_exactly(neo4j_driver: Driver, world: Wo
     assert result.alignment.one_to_one() == {(layer, f): (layer, ORDER[layer][f]) for layer in range(2)
                                              for f in range(3)}  # fmt: skip
     assert result.alignment.classification == "injective"
+    assert result.alignment.r2 is not None and result.alignment.r2 > 0.99  # fitted on the graphs' features
     by_text = {text: d for (text, _, _), d in zip(result.shared, result.diffs, strict=True)}
     for text in WITH_A:
         d, pos = by_text[text], len(text)  # 'A' is the last token; BOS is position 0

@@ -133,20 +133,44 @@ def _rename(alignment: Alignment) -> dict[tuple[int, int], int]:
     return {b: a[1] for a, b in alignment.one_to_one().items()}
 
 
-def _align(a: Side, b: Side, texts: Sequence[str], thresholds: AlignmentThresholds) -> Alignment:
+MAX_CIRCUIT = 256  # circuit features per side the linear map is fitted on (the most frequent in the graphs)
+
+
+def circuit_features(graphs: Sequence[Graph], limit: int = MAX_CIRCUIT) -> list[tuple[int, int]]:
+    """(layer, feature) of the feature nodes of `graphs`, most graphs first (ties by key), at most `limit`."""
+    counts: dict[tuple[int, int], int] = {}
+    for graph in graphs:
+        for key in {(n.layer, n.feature) for n in graph.nodes if n.kind == "feature"}:
+            if key[0] is not None and key[1] is not None:
+                counts[(int(key[0]), int(key[1]))] = counts.get((int(key[0]), int(key[1])), 0) + 1
+    return sorted(counts, key=lambda k: (-counts[k], k))[:limit]
+
+
+def _align(
+    a: Side, b: Side, texts: Sequence[str], thresholds: AlignmentThresholds,
+    graphs: Sequence[tuple[Graph, Graph]],
+) -> Alignment:  # fmt: skip
+    """Align on activations over `texts`; the linear map is fitted on the features of the two sides' graphs."""
     acts_a = feature_activations(a.model, a.transcoder, texts)
     acts_b = feature_activations(b.model, b.transcoder, texts)
-    return align_dictionaries(a.transcoder, b.transcoder, acts_a=acts_a, acts_b=acts_b, thresholds=thresholds)
+    return align_dictionaries(a.transcoder, b.transcoder, acts_a=acts_a, acts_b=acts_b, thresholds=thresholds,
+                              circuit_a=circuit_features([g for g, _ in graphs]),
+                              circuit_b=circuit_features([g for _, g in graphs]))  # fmt: skip
+
+
+def _graphs(queries: AtlasQueries, shared: Sequence[tuple[str, str, str]]) -> list[tuple[Graph, Graph]]:
+    def read(pid: str) -> Graph:
+        return graph_from_subgraph(queries.prompt_graph(pid, max_edges=10**7).single)
+
+    return [(read(pid_a), read(pid_b)) for _, pid_a, pid_b in shared]
 
 
 def _diffs(
-    queries: AtlasQueries, shared: Sequence[tuple[str, str, str]], rename: dict[tuple[int, int], int],
-    progress: Progress | None, phase: str, **options: float,
+    shared: Sequence[tuple[str, str, str]], graphs: Sequence[tuple[Graph, Graph]],
+    rename: dict[tuple[int, int], int], progress: Progress | None, phase: str, **options: float,
 ) -> list[PromptDiff]:  # fmt: skip
     out = []
-    for i, (_, pid_a, pid_b) in enumerate(shared):
-        graph_a = graph_from_subgraph(queries.prompt_graph(pid_a, max_edges=10**7).single)
-        graph_b = graph_from_subgraph(queries.prompt_graph(pid_b, max_edges=10**7).single)
+    for i, ((_, pid_a, _), (graph_a, graph_b)) in enumerate(zip(shared, graphs, strict=True)):
         out.append(diff_graphs(pid_a, graph_a, graph_b, rename, **options))
         if progress:
             progress(phase, i + 1, len(shared))
@@ -183,17 +207,21 @@ def diff_stored(
     queries = AtlasQueries(driver, database=database, timeout_s=120.0)
     options = {"min_weight": min_weight, "change_ratio": change_ratio}
     started = time.perf_counter()
-    alignment = _align(a, b, [t for t, _, _ in shared], thresholds)
+    graphs = _graphs(queries, shared)
+    timings["read_graphs"] = time.perf_counter() - started
+    started = time.perf_counter()
+    alignment = _align(a, b, [t for t, _, _ in shared], thresholds, graphs)
     timings["align"] = time.perf_counter() - started
     started = time.perf_counter()
-    diffs = _diffs(queries, shared, _rename(alignment), progress, "diff", **options)
+    diffs = _diffs(shared, graphs, _rename(alignment), progress, "diff", **options)
     timings["graph_diff"] = time.perf_counter() - started
     result = DiffResult(a.transcoder_id, b.transcoder_id, alignment, shared, diffs, corpus_summary(diffs))
     if reference is not None:
         started = time.perf_counter()
         result.reference = reference.transcoder_id
-        result.reference_alignment = _align(a, reference, [t for t, _, _ in ref_shared], thresholds)
-        ref_diffs = _diffs(queries, ref_shared, _rename(result.reference_alignment), progress, "noise", **options)
+        ref_graphs = _graphs(queries, ref_shared)
+        result.reference_alignment = _align(a, reference, [t for t, _, _ in ref_shared], thresholds, ref_graphs)
+        ref_diffs = _diffs(ref_shared, ref_graphs, _rename(result.reference_alignment), progress, "noise", **options)
         result.reference_summary = corpus_summary(ref_diffs)
         result.floor = noise_floor(ref_diffs, quantile=quantile)
         result.exceeding = prompts_exceeding(diffs, result.floor)
