@@ -35,6 +35,7 @@ PAGES = [
     st.Page(PAGES_DIR / "cypher.py", title="Cypher console", icon=":material/terminal:", url_path="cypher"),
     st.Page(PAGES_DIR / "interventions.py", title="Interventions", icon=":material/science:", url_path="interventions"),
     st.Page(PAGES_DIR / "global_circuits.py", title="Global circuits", icon=":material/lan:", url_path="global"),
+    st.Page(PAGES_DIR / "compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
 ]
 
 page = st.navigation(PAGES)

@@ -101,6 +101,9 @@ def train(
     log_every: Annotated[int, typer.Option(min=1, help="Steps between logged metrics.")] = 10,
     seed: Annotated[int, typer.Option(min=0, help="Seed of initialisation and shuffling.")] = 0,
     fresh: Annotated[bool, typer.Option(help="Discard checkpoints in --out instead of resuming.")] = False,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from this saved dictionary (same kind and size), e.g. the base model's.")
+    ] = None,
 ) -> None:
     """Train transcoders with a live progress bar; resumes from the last checkpoint in --out.
 
@@ -124,14 +127,14 @@ def train(
             **{k: v for k, v in chosen.items() if v is not None},
         )
         config.spec(n_layers=1, d_model=1)  # validates kind/activation/topk before the model loads
-        result = run_training(out=out, model=model, config=config, fresh=fresh)
+        result = run_training(out=out, model=model, config=config, fresh=fresh, init_from=init_from)
     except user_errors() as err:
         fail(err)
     print_metrics(result.final_metrics)
     console.print(f"transcoders: {result.transcoder_dir}")
 
 
-def run_training(*, out: Path, model: str, config: Any, fresh: bool) -> Any:
+def run_training(*, out: Path, model: str, config: Any, fresh: bool, init_from: Path | None = None) -> Any:
     """Load the model and train `config` (a `TrainConfig`) with a rich progress bar. Returns a `TrainResult`."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -141,7 +144,12 @@ def run_training(*, out: Path, model: str, config: Any, fresh: bool) -> Any:
     with console.status(f"loading {model}…"):
         loaded = load_model(model)
     console.print(f"{loaded.info.name}: {loaded.info.n_layers} layers, loaded in {loaded.load_seconds:.1f}s")
-    trainer = Trainer(loaded, config, out)
+    initial = None
+    if init_from is not None:
+        from atlas.transcoders import load_transcoder
+
+        initial = load_transcoder(init_from)
+    trainer = Trainer(loaded, config, out, init_from=initial)
     start_step = 0 if fresh else trainer.resume_step()
     columns = (
         TextColumn("[bold]{task.description}"),

@@ -20,6 +20,8 @@ reconstruction error is zero up to rounding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -41,9 +43,10 @@ def _pair(i: int, j: int) -> torch.Tensor:
     return v
 
 
-def _neurons() -> list[list[tuple[torch.Tensor, float, torch.Tensor]]]:
-    """Per layer, per feature: (read direction, bias, write vector)."""
-    return [
+def _neurons(rewired: bool = False) -> list[list[tuple[torch.Tensor, float, torch.Tensor]]]:
+    """Per layer, per feature: (read direction, bias, write vector). `rewired`: hop 2 reads the token 'A' itself
+    (`e0 − e1`, like the distractor beside it) instead of hop 1's output, so the circuit is A → L1/0 → 'B'."""
+    layers = [
         [
             (_pair(0, 1) / 2, -1.0, 2 * _pair(4, 5)),  # hop 1
             (_pair(2, 3) / 2, -0.3, _pair(10, 11)),  # distractor, everywhere
@@ -55,9 +58,14 @@ def _neurons() -> list[list[tuple[torch.Tensor, float, torch.Tensor]]]:
             (_pair(0, 1) / 2, -1.0, _pair(8, 9)),  # distractor beside hop 2
         ],
     ]
+    if rewired:
+        layers[1][0] = (_pair(0, 1) / 2, -1.0, 3 * _pair(6, 7))
+    return layers
 
 
-def planted_model() -> LoadedModel:
+def planted_model(*, rewired: bool = False, order: Sequence[Sequence[int]] | None = None) -> LoadedModel:
+    """The planted model; `rewired`: model B of the diff tests (see `_neurons`); `order[layer][f]`: the MLP slot of
+    neuron f (a permutation of `range(D_MLP)`), so a transcoder of the model numbers its features differently."""
     tokenizer = tiny_tokenizer()
     vocab = len(tokenizer)
     config = GPT2Config(
@@ -81,15 +89,16 @@ def planted_model() -> LoadedModel:
             param.zero_()
         hf.transformer.wte.weight[:] = 4 * _pair(2, 3)
         hf.transformer.wte.weight[a_id] = 4 * _pair(0, 1) + _pair(2, 3)
-        for block, layer in zip(hf.transformer.h, _neurons(), strict=True):
+        for i, (block, layer) in enumerate(zip(hf.transformer.h, _neurons(rewired), strict=True)):
             block.ln_1.weight.fill_(1.0)
             block.ln_2.weight.fill_(1.0)
             block.attn.c_attn.weight.normal_(0, 0.1, generator=generator)  # patterns exist; the output is zero
+            slots = list(range(D_MLP)) if order is None else list(order[i])
+            block.mlp.c_fc.bias[:] = -1.0  # unused neurons never fire
             for f, (read, bias, write) in enumerate(layer):
-                block.mlp.c_fc.weight[:, f] = read
-                block.mlp.c_fc.bias[f] = bias
-                block.mlp.c_proj.weight[f] = write
-            block.mlp.c_fc.bias[len(layer) :] = -1.0  # unused neurons never fire
+                block.mlp.c_fc.weight[:, slots[f]] = read
+                block.mlp.c_fc.bias[slots[f]] = bias
+                block.mlp.c_proj.weight[slots[f]] = write
         hf.transformer.ln_f.weight.fill_(1.0)
         unembed = torch.zeros(vocab, D_MODEL)
         unembed[:, 8:] = 0.05 * torch.randn(vocab, D_MODEL - 8, generator=generator)

@@ -26,6 +26,7 @@ STAGES: tuple[str, ...] = (
     "atlas.validation",
     "atlas.storage",
     "atlas.analysis",
+    "atlas.diff",
     "ingest",
     "app",
     "atlas_cli",

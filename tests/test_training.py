@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -320,3 +321,20 @@ def test_recipes_and_bad_training_settings() -> None:
         StreamConfig(passes=0)
     with pytest.raises(ValueError, match="skip_lr_scale must be at least 0"):
         TrainConfig(skip_lr_scale=-1.0)
+
+
+def test_init_from_a_saved_dictionary_starts_where_it_left_off(
+    tiny_llama: LoadedModel, jsonl_corpus: Path, tmp_path: Path
+) -> None:
+    """`init_from`: the first state, folded back to raw units, is the saved dictionary (the fine-tune case)."""
+    config = small_config(jsonl_corpus, steps=5)
+    saved = load_transcoder(Trainer(tiny_llama, config, tmp_path / "base").run().transcoder_dir)
+    trainer = Trainer(tiny_llama, replace(config, stream=replace(config.stream, seed=7)), tmp_path / "next",
+                      init_from=saved)  # fmt: skip
+    state = trainer._fresh_state(next(trainer.stream.batches()))
+    start = copy.deepcopy(state.transcoder)
+    start.fold_normalisation(state.input_scale, state.output_scale)
+    for name, value in saved.state_dict().items():
+        assert_close_at_scale(start.state_dict()[name], value, rel=FLOAT32_CHAIN, what=name)
+    with pytest.raises(TrainingError, match="cannot initialise"):
+        Trainer(tiny_llama, small_config(jsonl_corpus, n_features=8), tmp_path / "x", init_from=saved)

@@ -62,6 +62,13 @@ only by those commands, never by a prompt re-ingest; see `atlas.storage.motifs` 
     (:Cluster {key, index, size, cohesion, features, motifs})-[:CONTAINS]->(:Prompt)
     (:Cluster)-[:CHARACTERISED_BY {rank, score}]->(:Feature | :Motif)
 
+Diff layer (`atlas.storage.diffs`; a comparison of two dictionaries, written atomically by `atlas diff`, never by a
+prompt re-ingest; an additive constraint `atlas_diff_id`, so no schema version change):
+
+    (:Diff {id, a, b, classification, matched_fraction, mean_similarity, ...})-[:A|B]->(:Transcoder)
+    (:Diff)-[:ON {similarity, node_overlap, edge_overlap, ..., exceeds_noise, prompt_b}]->(:Prompt)
+    (:Feature)-[:ALIGNS_WITH {diff, decoder_cos, encoder_cos, act_corr, score, method}]->(:Feature)
+
 Prompt metadata is free-form besides the required keys; the optional `task` (e.g. "capitals") and `run` are indexed
 for the app's overview and filters.
 

@@ -414,7 +414,7 @@ MATCH (t:Token) WHERE t.key IN $tokens
 MATCH (t)<-[:OF]-(i:InputToken) WHERE $prompts IS NULL OR i.prompt_id IN $prompts
 MATCH (a:Instance)
 WHERE a.prompt_id = i.prompt_id AND a.node_index IS NOT NULL AND a.position = i.position AND a:FeatureActivation
-MATCH (a)-[:OF]->(f:Feature)
+MATCH (a)-[:OF]->(f:Feature) WHERE $transcoder IS NULL OR f.transcoder = $transcoder
 WITH f, collect(DISTINCT t.text) AS texts, collect(DISTINCT a.prompt_id) AS pids, count(a) AS n,
      avg(a.activation) AS mean_act, max(a.activation) AS max_act
 RETURN f.key AS key, f.layer AS layer, f.index AS index, f.label AS label, texts[0] AS text, pids, n, mean_act,
@@ -427,7 +427,7 @@ _TOP_FOR_LOGIT: LiteralString = (
     """
 MATCH (t:Token) WHERE t.key IN $targets
 MATCH (f:Feature)-[g:AGG_EDGE]->(t)
-WHERE g.n_prompts >= $min_prompts
+WHERE g.n_prompts >= $min_prompts AND ($transcoder IS NULL OR f.transcoder = $transcoder)
 RETURN f.key AS key, f.layer AS layer, f.index AS index, f.label AS label, t.key AS target, """
     + AGG_VALUES
     + """ AS g
@@ -572,6 +572,7 @@ _LIST_PROMPTS: LiteralString = """
 MATCH (p:Prompt)
 WHERE ($task IS NULL OR p.task = $task) AND ($run IS NULL OR p.run = $run)
   AND ($contains IS NULL OR toLower(p.text) CONTAINS toLower($contains)) AND ($ids IS NULL OR p.id IN $ids)
+  AND ($transcoder IS NULL OR p.transcoder = $transcoder)
 RETURN properties(p) AS p ORDER BY p.id LIMIT $limit
 """
 
@@ -792,13 +793,16 @@ class AtlasQueries:
         limit: int = 25,
         prompt_ids: Sequence[str] | None = None,
         model: str | None = None,
+        transcoder: str | None = None,
     ) -> QueryResult[TokenFeature]:
         """Features with a stored activation at a position whose input token is `token` (exact or whitespace-
-        stripped text), most prompts first, then largest activation: "the features active on ' Dallas'"."""
+        stripped text), most prompts first, then largest activation: "the features active on ' Dallas'"; `transcoder`
+        keeps one dictionary's features."""
         _check_int("limit", limit, 1, MAX_LIMIT)
         prompts = None if prompt_ids is None else _check_strings("prompt_ids", prompt_ids)
         started = time.perf_counter()
-        params = {"tokens": self._token_keys(token, model), "prompts": prompts, "limit": limit}
+        params = {"tokens": self._token_keys(token, model), "prompts": prompts, "limit": limit,
+                  "transcoder": transcoder}  # fmt: skip
         rows = [
             TokenFeature(r["key"], int(r["layer"]), int(r["index"]), r["label"], str(r["text"]), len(r["pids"]),
                          int(r["n"]), float(r["mean_act"]), float(r["max_act"]), tuple(sorted(r["pids"])))
@@ -814,15 +818,16 @@ class AtlasQueries:
         min_prompts: int = 1,
         evidence: int = 3,
         model: str | None = None,
+        transcoder: str | None = None,
     ) -> QueryResult[LogitDriver]:
         """Features with the largest summed |direct effect| on a logit token over all prompts (aggregate layer),
-        each with its `evidence` strongest per-prompt edges."""
+        each with its `evidence` strongest per-prompt edges; `transcoder` keeps one dictionary's features."""
         _check_int("limit", limit, 1, MAX_LIMIT)
         _check_int("min_prompts", min_prompts, 1, 10**9)
         _check_int("evidence", evidence, 0, 1000)
         started = time.perf_counter()
         targets = sorted({k for ks in self.resolve_tokens([token], model=model).values() for k in ks})
-        params = {"targets": targets, "min_prompts": min_prompts, "limit": limit}
+        params = {"targets": targets, "min_prompts": min_prompts, "limit": limit, "transcoder": transcoder}
         rows = []
         top = self._read(_TOP_FOR_LOGIT, params)
         evidence_by_pair: dict[tuple[str, str], list[Any]] = {}
@@ -991,12 +996,14 @@ class AtlasQueries:
         contains: str | None = None,
         prompt_ids: Sequence[str] | None = None,
         limit: int = 100,
+        transcoder: str | None = None,
     ) -> QueryResult[PromptSummary]:
-        """Stored prompts, optionally filtered by task, run, a case-blind substring of the text, or their ids."""
+        """Stored prompts, optionally filtered by task, run, a case-blind substring of the text, their ids, or the
+        dictionary (`transcoder` id) they were attributed with."""
         _check_int("limit", limit, 1, MAX_LIMIT)
         ids = None if prompt_ids is None else _check_strings("prompt_ids", prompt_ids)
         started = time.perf_counter()
-        params = {"task": task, "run": run, "contains": contains, "ids": ids, "limit": limit}
+        params = {"task": task, "run": run, "contains": contains, "ids": ids, "limit": limit, "transcoder": transcoder}
         rows = []
         for r in self._read(_LIST_PROMPTS, params):
             p = r["p"]

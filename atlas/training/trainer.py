@@ -167,7 +167,9 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 class Trainer:
     """Runs one training job into `out_dir` (metrics log, checkpoints, final transcoders)."""
 
-    def __init__(self, model: LoadedModel, config: TrainConfig, out_dir: str | Path) -> None:
+    def __init__(
+        self, model: LoadedModel, config: TrainConfig, out_dir: str | Path, *, init_from: EncoderStack | None = None
+    ) -> None:
         self.model = model
         self.config = config
         self.out_dir = Path(out_dir)
@@ -175,6 +177,17 @@ class Trainer:
             model, config.stream, input_hook=config.input_hook, output_hook=config.output_hook
         )
         self.spec = config.spec(model.info.n_layers, model.info.d_model)
+        # A saved dictionary (acting on raw activations) to start from instead of a random one, e.g. the base model's
+        # dictionary when training one for a fine-tune: the features keep their identity, so a diff aligns them.
+        self.init_from = init_from
+        shape = (self.spec.kind, self.spec.n_layers, self.spec.d_model, self.spec.n_features)
+        if init_from is not None and shape != (init_from.spec.kind, init_from.spec.n_layers, init_from.spec.d_model,
+                                               init_from.spec.n_features):  # fmt: skip
+            raise TrainingError(
+                f"cannot initialise from a {init_from.spec.kind} of {init_from.spec.n_layers} layers × "
+                f"{init_from.spec.n_features} features (d_model {init_from.spec.d_model}): this run trains a "
+                f"{self.spec.kind} of {self.spec.n_layers} × {self.spec.n_features} (d_model {self.spec.d_model})"
+            )
 
     # --- checkpoints --------------------------------------------------------------------------------------
     @property
@@ -270,6 +283,12 @@ class Trainer:
         input_scale = obj.normalisation_scales(inputs)
         output_scale = obj.normalisation_scales(targets)
         rate = min(cfg.init_firing_rate, 10_000 / (self.spec.n_layers * self.spec.n_features))
+        if self.init_from is not None:
+            # Training runs on normalised activations; unfolding (the inverse of `fold_normalisation`) makes the
+            # saved dictionary compute the same pre-activations and outputs on them.
+            transcoder.load_state_dict(self.init_from.state_dict())
+            transcoder.fold_normalisation(1 / input_scale, 1 / output_scale)
+            return self._state_from(transcoder, input_scale, output_scale)
         with torch.no_grad():
             if cfg.skip_init == "least_squares" and transcoder.W_skip is not None:
                 all_inputs = torch.cat([batch[0] for batch in initial], dim=1) * input_scale.view(-1, 1, 1)
@@ -285,6 +304,9 @@ class Trainer:
             normalised = inputs * input_scale.view(-1, 1, 1)
             pre = torch.bmm(normalised, transcoder.W_enc.transpose(1, 2))
             transcoder.b_enc.copy_(obj.encoder_bias_for_firing_rate(pre, self.config.initial_threshold, rate))
+        return self._state_from(transcoder, input_scale, output_scale)
+
+    def _state_from(self, transcoder: EncoderStack, input_scale: torch.Tensor, output_scale: torch.Tensor) -> _State:
         return _State(
             step=0,
             transcoder=transcoder,
