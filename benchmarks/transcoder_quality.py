@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--no-graphs", action="store_true", help="skip the attribution-graph scores")
     parser.add_argument("--out", default="runs/transcoder-quality", help="training runs go under this directory")
     parser.add_argument("--json", default=None, help="write every figure to this file")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a TrainConfig field of every recipe (JSON value)")  # fmt: skip
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -95,6 +97,13 @@ def main() -> None:
     for name in recipes:
         if name not in recipe_names():
             parser.error(f"unknown recipe {name!r}; known: {', '.join(recipe_names())}")
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field] = value
     if args.eval_sequences < 1:
         parser.error("--eval-sequences must be at least 1")
 
@@ -108,12 +117,14 @@ def main() -> None:
     for name in recipes:
         for budget in budgets:
             # the held-out sequences are the first of the corpus; every recipe skips at least that many
-            config = recipe_config(name, cpu_budget_s=budget * 60, stream={"eval_sequences": args.eval_sequences})
-            out = Path(args.out) / f"{name}-{budget:g}"
+            config = recipe_config(name, cpu_budget_s=budget * 60, stream={"eval_sequences": args.eval_sequences},
+                                   **overrides)  # fmt: skip
+            variant = "".join(f"-{k}={v}" for k, v in overrides.items())
+            out = Path(args.out) / f"{name}{variant}-{budget:g}"
             wall = time.perf_counter()
             result = Trainer(model, config, out).run(fresh=True)
             wall = time.perf_counter() - wall
-            row = {"recipe": name, "budget_core_minutes": budget, "train_wall_s": wall,
+            row = {"recipe": name + variant, "budget_core_minutes": budget, "train_wall_s": wall,
                    "train_cpu_s": result.final_metrics["cpu_seconds"], "steps": result.final_metrics["steps"],
                    "tokens": result.final_metrics["tokens"], **measure(model, result.transcoder_dir, held_out,
                                                                         not args.no_graphs)}  # fmt: skip

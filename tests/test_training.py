@@ -331,7 +331,7 @@ def test_init_from_a_saved_dictionary_starts_where_it_left_off(
     saved = load_transcoder(Trainer(tiny_llama, config, tmp_path / "base").run().transcoder_dir)
     trainer = Trainer(tiny_llama, replace(config, stream=replace(config.stream, seed=7)), tmp_path / "next",
                       init_from=saved)  # fmt: skip
-    state = trainer._fresh_state(next(trainer.stream.batches()))
+    state = trainer._fresh_state([next(trainer.stream.batches())])
     start = copy.deepcopy(state.transcoder)
     start.fold_normalisation(state.input_scale, state.output_scale)
     for name, value in saved.state_dict().items():
