@@ -70,10 +70,10 @@ def least_squares_affine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-layer ridge regression `targets ≈ inputs @ W.T + b`, solved in float64.
 
-    `inputs (n_layers, n_tokens, d_in)`, `targets (n_layers, n_tokens, d_out)` → `W (n_layers, d_out, d_in)`,
-    `b (n_layers, d_out)`. The ridge term is `ridge` times the mean diagonal of each layer's Gram matrix, so it
-    scales with the inputs; 1e-3 keeps the fit from leaning on directions the sample barely covers (a token with a
-rare, huge input would otherwise get a huge output). The best linear stand-in for each MLP: a skip's starting point.
+        `inputs (n_layers, n_tokens, d_in)`, `targets (n_layers, n_tokens, d_out)` → `W (n_layers, d_out, d_in)`,
+        `b (n_layers, d_out)`. The ridge term is `ridge` times the mean diagonal of each layer's Gram matrix, so it
+        scales with the inputs; 1e-3 keeps the fit from leaning on directions the sample barely covers (a token with a
+    rare, huge input would otherwise get a huge output). The best linear stand-in for each MLP: a skip's starting point.
     """
     n_layers, n_tokens, d_in = inputs.shape
     ones = torch.ones(n_layers, n_tokens, 1, dtype=torch.float64)
