@@ -48,7 +48,8 @@ def ingest(
     transcoders: Annotated[str, typer.Option(help=TRANSCODERS_HELP)],
     model: Annotated[str, typer.Option(help="Model the transcoders belong to.")] = DEFAULT_MODEL,
     workers: Annotated[
-        int | None, typer.Option(min=1, help="LocalCluster processes (default: sized to the machine).")
+        int | None,
+        typer.Option(min=0, help="LocalCluster processes (default: sized to the machine; 0: in this process, no Dask)"),
     ] = None,
     scheduler: Annotated[
         str | None, typer.Option(help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS, else a LocalCluster).")
@@ -103,7 +104,9 @@ def demo(
     prompts: Annotated[
         int, typer.Option(min=0, help="Demo-corpus prompts to ingest (spread over the tasks; 0: all).")
     ] = 24,
-    workers: Annotated[int | None, typer.Option(min=1, help="Dask workers for the ingest.")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Dask workers for the ingest (0: in this process).")] = (
+        None
+    ),
     max_feature_nodes: Annotated[int, typer.Option(min=1, help="Cap on feature nodes per demo graph.")] = 256,
     state_capitals: Annotated[
         bool, typer.Option(help="Also ingest the Dallas/state-capital set with the correct capital as target.")
