@@ -504,6 +504,7 @@ class Trainer:
             "ce_clean": spliced.clean,
             "ce_spliced": spliced.spliced,
             "ce_delta": spliced.delta,
+            "kl": spliced.kl,
             "eval_tokens": spliced.n_tokens,
         }
 
