@@ -11,6 +11,7 @@ import typer
 from atlas_cli import (
     app_command,
     core,
+    edit_command,
     global_commands,
     ingest_commands,
     label_commands,
@@ -26,7 +27,16 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log ever
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
 
 
-for stage in (core, ingest_commands, query_commands, validate_command, global_commands, label_commands, app_command):
+for stage in (
+    core,
+    ingest_commands,
+    query_commands,
+    validate_command,
+    edit_command,
+    global_commands,
+    label_commands,
+    app_command,
+):
     stage.register(app)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,78 @@ class ResolvedRequest:
     feature_keys: list[str]
 
 
+@dataclass(frozen=True)
+class SetPrompt:
+    """One prompt of a prompt set: its text, its stored id (None when it is not stored) and its known answer."""
+
+    text: str
+    prompt_id: str | None = None
+    answer: str | None = None
+    transcoder: str | None = None
+    model: str | None = None
+
+
+_STORED_PROMPTS = (
+    "MATCH (p:Prompt) WHERE ($ids IS NULL OR p.id IN $ids) AND ($task IS NULL OR p.task = $task) "
+    "AND ($texts IS NULL OR p.text IN $texts) "
+    "RETURN p.id AS id, p.text AS text, p['answer'] AS answer, p.transcoder AS transcoder, p.model AS model ORDER BY id"
+)
+
+
+def stored_prompts(
+    driver: Driver,
+    database: str,
+    *,
+    ids: list[str] | None = None,
+    task: str | None = None,
+    texts: list[str] | None = None,
+) -> list[SetPrompt]:
+    """Stored prompts by id (in the order given), by task, or by exact (normalised) text."""
+    records = driver.execute_query(_STORED_PROMPTS, ids=ids, task=task, texts=texts, database_=database).records
+    found = [SetPrompt(r["text"] or "", r["id"], r["answer"], r["transcoder"], r["model"]) for r in records]
+    if ids is not None:
+        by_id = {p.prompt_id: p for p in found}
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise ValidationError(f"unknown prompt id(s) {unknown}: not in the store")
+        return [by_id[i] for i in ids]
+    return found
+
+
+def read_prompt_file(path: Path) -> list[SetPrompt]:
+    """The prompts of a file (plain text, one per line; JSONL with `text` and optional `answer`; Parquet), read and
+    normalised as ingest reads a corpus; a `ValidationError` naming the file when it is missing, empty or has
+    unreadable lines."""
+    from ingest.prompts import CorpusError, read_corpus
+
+    try:
+        records, issues = read_corpus(path)
+    except CorpusError as error:
+        raise ValidationError(f"prompt file: {error}") from None
+    if issues:
+        first = issues[0]
+        raise ValidationError(f"prompt file {path}: {len(issues)} unreadable line(s), e.g. line {first.line}: "
+                              f"{first.error}")  # fmt: skip
+    if not records:
+        raise ValidationError(f"the prompt set is empty: {path} holds no prompt")
+    return [SetPrompt(r.text, None, r.meta.get("answer")) for r in records]
+
+
+def match_stored(driver: Driver, database: str, prompts: list[SetPrompt], transcoder_id: str) -> list[SetPrompt]:
+    """`prompts` with the id (and answer, when they have none) of the stored prompt of `transcoder_id` with the same
+    text; the others unchanged (not stored)."""
+    texts = sorted({p.text for p in prompts})
+    stored: dict[str, SetPrompt] = {}
+    for p in stored_prompts(driver, database, texts=texts):
+        if p.transcoder == transcoder_id:
+            stored.setdefault(p.text, p)
+    out = []
+    for p in prompts:
+        hit = stored.get(p.text)
+        out.append(p if hit is None else replace(hit, answer=p.answer or hit.answer))
+    return out
+
+
 def resolve(queries: AtlasQueries, driver: Driver, database: str, request: ValidationRequest) -> ResolvedRequest:
     """Prompt set, dictionary and circuit from the store; a `ValidationError` naming any problem."""
     if request.prompt_ids:
@@ -90,24 +162,41 @@ def resolve(queries: AtlasQueries, driver: Driver, database: str, request: Valid
     if request.top_k_from is not None:
         if request.features:
             raise ValidationError("give feature keys or a prompt to take the top features from, not both")
-        graph = queries.prompt_graph(request.top_k_from, max_edges=1).single
-        # `influence` is a node's place in the cumulative influence (circuit-tracer's): smallest = most influential
-        features = sorted(
-            (n for n in graph.nodes if n.kind == "feature" and n.key),
-            key=lambda n: math.inf if n.influence is None else n.influence,
-        )
-        keys: list[str] = []
-        for node in features:
-            if node.key not in keys:
-                keys.append(str(node.key))
-            if len(keys) == request.top_k:
-                break
-        if not keys:
-            raise ValidationError(f"stored prompt {request.top_k_from!r} has no feature nodes")
+        keys = top_k_keys(queries, request.top_k_from, request.top_k)
     else:
         if not request.features:
             raise ValidationError("the circuit is empty: give feature keys or a prompt to take the top features from")
-        keys = [ref if ref.count("/") >= 2 else f"{transcoder_id}/{ref}" for ref in request.features]
+        keys = full_keys(request.features, transcoder_id)
+    check_feature_keys(driver, database, keys, transcoder_id)
+    return ResolvedRequest([p.prompt_id for p in prompts], texts, transcoder_id, models[0], keys)
+
+
+def top_k_keys(queries: AtlasQueries, prompt_id: str, k: int) -> list[str]:
+    """The `k` most influential distinct feature keys of a stored prompt's graph."""
+    graph = queries.prompt_graph(prompt_id, max_edges=1).single
+    # `influence` is a node's place in the cumulative influence (circuit-tracer's): smallest = most influential
+    features = sorted(
+        (n for n in graph.nodes if n.kind == "feature" and n.key),
+        key=lambda n: math.inf if n.influence is None else n.influence,
+    )
+    keys: list[str] = []
+    for node in features:
+        if node.key not in keys:
+            keys.append(str(node.key))
+        if len(keys) == k:
+            break
+    if not keys:
+        raise ValidationError(f"stored prompt {prompt_id!r} has no feature nodes")
+    return keys
+
+
+def full_keys(refs: list[str], transcoder_id: str) -> list[str]:
+    """Feature keys `transcoder/layer/index` from keys or `layer/index` references of `transcoder_id`."""
+    return [ref if ref.count("/") >= 2 else f"{transcoder_id}/{ref}" for ref in refs]
+
+
+def check_feature_keys(driver: Driver, database: str, keys: list[str], transcoder_id: str) -> None:
+    """A `ValidationError` naming the keys that are not features of `transcoder_id` in the store."""
     wrong = [k for k in keys if k.rsplit("/", 2)[0] != transcoder_id]
     if wrong:
         raise ValidationError(f"unknown feature key(s) {wrong}: the prompts' dictionary is {transcoder_id!r}")
@@ -120,7 +209,6 @@ def resolve(queries: AtlasQueries, driver: Driver, database: str, request: Valid
     missing = [k for k in keys if k not in present]
     if missing:
         raise ValidationError(f"unknown feature key(s) {missing}: not in the store")
-    return ResolvedRequest([p.prompt_id for p in prompts], texts, transcoder_id, models[0], keys)
 
 
 def mean_activations(stats_path: Path, transcoder_id: str, n_layers: int, n_features: int) -> torch.Tensor | None:

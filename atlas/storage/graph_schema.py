@@ -54,6 +54,13 @@ re-ingest; an additive constraint, so no schema version change):
     (:Validation)-[:ON {necessity_zero, sufficiency_frozen_errors, necessity_p, sufficiency_p, beats_null, ...}]->
         (:Prompt {agreement})
 
+Edit layer (`atlas.storage.edits`; SHIFT-style feature-set edits and their measured effects, written atomically like
+validations; an additive constraint):
+
+    (:Edit {id, operation, value, features, transcoder, model, mode, target_logit_change, accuracy_before,
+            accuracy_after, control_kl, control_top1_agreement, ...})-[:EDITS]->(:Feature)
+    (:Edit)-[:MEASURED_ON {role: "target" | "control", answer_logit_change, kl, top1_same, ...}]->(:Prompt)
+
 Prompt metadata is free-form besides the required keys; the optional `task` (e.g. "capitals") and `run` are indexed
 for the app's overview and filters.
 
@@ -132,6 +139,9 @@ REL_AGG_EDGE = "AGG_EDGE"
 VALIDATION = "Validation"
 REL_TESTS = "TESTS"
 REL_ON = "ON"
+EDIT = "Edit"
+REL_EDITS = "EDITS"
+REL_MEASURED_ON = "MEASURED_ON"
 
 # Instance label by the `kind` column of NODE_SCHEMA.
 INSTANCE_LABELS: Mapping[str, str] = {
@@ -152,6 +162,7 @@ UNIQUE_KEYS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("atlas_instance_key", INSTANCE, ("prompt_id", "node_index")),
     ("atlas_schema_version_name", SCHEMA_VERSION_LABEL, ("name",)),
     ("atlas_validation_id", VALIDATION, ("id",)),
+    ("atlas_edit_id", EDIT, ("id",)),
 )
 
 # Secondary range indexes for the common anchors of read queries, as (name, label, properties). Instance labels get
