@@ -431,7 +431,7 @@ def validate(
     *,
     config: ValidationConfig | None = None,
     mean_activations: torch.Tensor | None = None,
-    prompt_ids: Sequence[str] | None = None,
+    prompt_ids: Sequence[str | None] | None = None,
     progress: Callable[[int, int], Any] | None = None,
 ) -> ValidationReport:
     """Validate `circuit` on every prompt of the set and aggregate (see the module docstring)."""
