@@ -135,13 +135,13 @@ def read_prompt_file(path: Path) -> list[SetPrompt]:
     return [SetPrompt(r.text, None, r.meta.get("answer")) for r in records]
 
 
-def match_stored(driver: Driver, database: str, prompts: list[SetPrompt], transcoder_id: str) -> list[SetPrompt]:
-    """`prompts` with the id (and answer, when they have none) of the stored prompt of `transcoder_id` with the same
-    text; the others unchanged (not stored)."""
+def match_stored(driver: Driver, database: str, prompts: list[SetPrompt], transcoder_id: str | None) -> list[SetPrompt]:
+    """`prompts` with the id (and answer, when they have none) of the stored prompt of `transcoder_id` (None: of any
+    dictionary) with the same text; the others unchanged (not stored)."""
     texts = sorted({p.text for p in prompts})
     stored: dict[str, SetPrompt] = {}
     for p in stored_prompts(driver, database, texts=texts):
-        if p.transcoder == transcoder_id:
+        if transcoder_id is None or p.transcoder == transcoder_id:
             stored.setdefault(p.text, p)
     out = []
     for p in prompts:
@@ -159,12 +159,8 @@ def resolve(
 ) -> ResolvedRequest:
     """Prompt set, dictionary and circuit from the store (and a prompt file); a `ValidationError` naming any problem.
     `identify()` names the dictionary when no prompt of the set is stored."""
-    path_keys: list[str] = []
-    path_prompts: list[str] = []
-    if request.from_paths is not None:
-        if request.features or request.top_k_from is not None:
-            raise ValidationError("give one circuit: feature keys, a prompt's top features, or a paths query")
-        path_keys, path_prompts = paths_circuit(queries, request.from_paths, request.top_k, request.prompt_ids or None)
+    if request.from_paths is not None and (request.features or request.top_k_from is not None):
+        raise ValidationError("give one circuit: feature keys, a prompt's top features, or a paths query")
     prompts: list[SetPrompt] = []
     if request.prompt_ids:
         prompts += stored_prompts(driver, database, ids=request.prompt_ids)
@@ -175,8 +171,14 @@ def resolve(
         prompts += tagged
     if request.prompt_file is not None:
         prompts += read_prompt_file(request.prompt_file)
-    if not prompts and path_prompts:
-        prompts = stored_prompts(driver, database, ids=path_prompts)  # the prompts the paths were found on
+    path_keys: list[str] = []
+    if request.from_paths is not None:  # on the stored prompts of the set, else on any (and validated on those)
+        ids = [p.prompt_id for p in prompts if p.prompt_id is not None]
+        if prompts and not ids and request.prompt_file is not None:
+            ids = [p.prompt_id for p in match_stored(driver, database, prompts, None) if p.prompt_id is not None]
+        path_keys, path_prompts = paths_circuit(queries, request.from_paths, request.top_k, ids or None)
+        if not prompts:
+            prompts = stored_prompts(driver, database, ids=path_prompts)  # the prompts the paths were found on
     if not prompts:
         raise ValidationError("the prompt set is empty: give prompt ids, a task or a prompt file")
     stored = [p for p in prompts if p.prompt_id is not None]
