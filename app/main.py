@@ -34,6 +34,7 @@ PAGES = [
     st.Page(PAGES_DIR / "paths.py", title="Paths across prompts", icon=":material/route:", url_path="paths"),
     st.Page(PAGES_DIR / "cypher.py", title="Cypher console", icon=":material/terminal:", url_path="cypher"),
     st.Page(PAGES_DIR / "interventions.py", title="Interventions", icon=":material/science:", url_path="interventions"),
+    st.Page(PAGES_DIR / "edits.py", title="Edits", icon=":material/tune:", url_path="edits"),
 ]
 
 page = st.navigation(PAGES)
