@@ -36,6 +36,7 @@ PAGES = [
     st.Page(PAGES_DIR / "interventions.py", title="Interventions", icon=":material/science:", url_path="interventions"),
     st.Page(PAGES_DIR / "global_circuits.py", title="Global circuits", icon=":material/lan:", url_path="global"),
     st.Page(PAGES_DIR / "compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
+    st.Page(PAGES_DIR / "edits.py", title="Edits", icon=":material/tune:", url_path="edits"),
 ]
 
 page = st.navigation(PAGES)

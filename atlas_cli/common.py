@@ -17,7 +17,7 @@ console = Console(stderr=True)
 
 TRANSCODERS_HELP = (
     "Transcoder directory (circuit-tracer format), or a published dictionary: a Hugging Face repo id"
-    " (owner/repo[/subfolder][@revision]) or a preset name such as gemma, llama, qwen3-0.6b."
+    " (owner/repo\\[/subfolder]\\[@revision]) or a preset name such as gemma, llama, qwen3-0.6b."
 )
 
 

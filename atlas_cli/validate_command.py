@@ -3,6 +3,12 @@ attribution agreement), printed and stored (a `(:Validation)` node in Neo4j and 
 
     atlas validate --transcoders runs/demo/transcoders --task ioi --target ' Mary' --feature clt-.../12/3
     atlas validate --transcoders DIR --prompt-id P1 --prompt-id P2 --top-k-from P1 --top-k 5 --target ' Austin'
+    atlas validate --transcoders DIR --prompt-file prompts.jsonl --feature 12/3 --target ' Mary' --no-store
+    atlas validate --transcoders DIR --from-paths --at-token ' Dallas' --target ' Austin' --top-k 4
+
+With `--from-paths` the circuit is the first `--top-k` features along the strongest paths of the `atlas paths`
+query given by the same arguments (`--target`, `--feature` as its sources, `--at-token`, `--hops`, `--min-weight`,
+`--limit`), on the prompts those paths come from unless a prompt set is given.
 
 Neo4j comes from `NEO4J_URI` (+ `NEO4J_USER`, `NEO4J_PASSWORD`), else the managed server when it is running.
 """
@@ -10,6 +16,7 @@ Neo4j comes from `NEO4J_URI` (+ `NEO4J_USER`, `NEO4J_PASSWORD`), else the manage
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -29,9 +36,21 @@ def validate(
     wrong: Annotated[str | None, typer.Option(help="Measure logit(target) − logit(wrong) instead.")] = None,
     feature: Annotated[list[str] | None, typer.Option("--feature", help="Circuit feature key or layer/index.")] = None,
     top_k_from: Annotated[str | None, typer.Option(help="Circuit: the top features of this stored prompt.")] = None,
-    top_k: Annotated[int, typer.Option(min=1, max=1000, help="How many top features (--top-k-from).")] = 5,
+    top_k: Annotated[
+        int, typer.Option(min=1, max=1000, help="How many top features (--top-k-from, --from-paths).")
+    ] = 5,
     prompt_id: Annotated[list[str] | None, typer.Option("--prompt-id", help="A stored prompt (repeatable).")] = None,
     task: Annotated[str | None, typer.Option(help="Every stored prompt of this task.")] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="Prompts from a file (text, JSONL, Parquet); stored ones found by text.")
+    ] = None,
+    from_paths: Annotated[
+        bool, typer.Option("--from-paths", help="Circuit: the features on the paths of an `atlas paths` query.")
+    ] = False,
+    at_token: Annotated[str | None, typer.Option(help="--from-paths: start at the features on this token.")] = None,
+    hops: Annotated[int, typer.Option(min=1, max=6, help="--from-paths: most edges on a path.")] = 3,
+    min_weight: Annotated[float, typer.Option(min=0.0, help="--from-paths: smallest |weight| on a path.")] = 0.0,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="--from-paths: paths read, strongest first.")] = 25,
     position: Annotated[int, typer.Option(help="Target position (negative: from the end).")] = -1,
     model: Annotated[str | None, typer.Option(help="Model to load (default: the prompts' model).")] = None,
     n_null: Annotated[int, typer.Option(min=1, max=10_000, help="Random matched sets per prompt.")] = 20,
@@ -48,16 +67,30 @@ def validate(
     from atlas.config import stats_db_path
     from atlas.storage.queries import QueryError
     from atlas.validation.validate import TargetSpec, ValidationConfig
-    from ingest.validation import ValidationRequest, default_validations_path, load_from_directory, run_validation
+    from ingest.edits import identify_directory
+    from ingest.validation import (
+        PathsQuery,
+        ValidationRequest,
+        default_validations_path,
+        load_from_directory,
+        run_validation,
+    )
 
+    paths = None
+    if from_paths:
+        if feature is None and at_token is None:
+            fail(ValueError("--from-paths needs --feature (its sources), --at-token, or both, as `atlas paths` does"))
+        paths = PathsQuery((target,), tuple(feature or ()), at_token, hops, min_weight, limit)
     spec = TargetSpec.token(target, position) if wrong is None else TargetSpec.difference(target, wrong, position)
     request = ValidationRequest(
         target=spec,
-        features=list(feature or []),
+        features=[] if from_paths else list(feature or []),
         top_k_from=top_k_from,
         top_k=top_k,
         prompt_ids=list(prompt_id or []),
         task=task,
+        prompt_file=prompt_file,
+        from_paths=paths,
         config=ValidationConfig(
             n_null=n_null,
             seed=seed,
@@ -76,6 +109,7 @@ def validate(
                 driver, database, request, load_from_directory(model, transcoders),
                 stats_path=stats_db_path(), validations_path=default_validations_path(),
                 progress=lambda i, n: console.print(f"validated {i}/{n} prompt(s)"),
+                identify=identify_directory(transcoders),
             )  # fmt: skip
     except (QueryError, *user_errors()) as err:  # type: ignore[misc]
         fail(err)

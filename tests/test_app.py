@@ -612,7 +612,8 @@ def test_unreachable_store_shows_a_readable_error_on_every_page(monkeypatch: pyt
     monkeypatch.setenv("ATLAS_NEO4J_URI", f"bolt://127.0.0.1:{free_loopback_port()}")  # nothing listens there
     monkeypatch.setenv("NEO4J_PASSWORD", "x")
     at = app_test()
-    for page in (None, "views/features.py", "views/prompt_graph.py", "views/paths.py", "views/interventions.py"):
+    for page in (None, "views/features.py", "views/prompt_graph.py", "views/paths.py", "views/interventions.py",
+                 "views/edits.py"):  # fmt: skip
         if page is not None:
             at.switch_page(page).run()
         assert not at.exception, at.exception
@@ -692,3 +693,76 @@ def pd_isna(value: object) -> bool:
     import pandas as pd
 
     return bool(pd.isna(value))
+
+
+def test_validate_a_path_result_then_see_it_on_the_feature_page(
+    app_env: AtlasFixture, tiny_gpt2: LoadedModel, neo4j_driver: Driver
+) -> None:
+    """The paths page's Validate action runs the validation stage on the path prompts, plots circuit against null
+    values, and stores it; the oracle is `atlas.validation.validate` called directly on the same prompts."""
+    from atlas.storage.validations import ValidationStore
+    from atlas.transcoders import load_transcoder
+    from atlas.validation.validate import Circuit, TargetSpec, ValidationConfig, validate
+
+    path = app_env.one_hop
+    at = app_test("views/paths.py")
+    run_paths(at, path, hops=1)
+    assert not errors(at), errors(at)
+    at.number_input(key="val_top_k").set_value(1)
+    at.number_input(key="val_n_null").set_value(5)
+    at.button(key="run_validation").click().run()
+    assert not errors(at), errors(at)
+    report, keys, stored_id = at.session_state["val_result"]
+    assert keys == [path.source_key] and stored_id is not None
+    result_prompts = [p.prompt_id for p in report.prompts]
+    assert path.prompt_id in result_prompts
+    transcoder = load_transcoder(app_env.transcoder_dir)
+    _, layer, feature = path.source_key.rsplit("/", 2)
+    texts = [app_env.graphs[pid].text for pid in result_prompts]
+    oracle = validate(tiny_gpt2, transcoder, Circuit.of([(int(layer), int(feature))], transcoder), texts,
+                      TargetSpec.token(path.target), config=ValidationConfig(n_null=5, top_k_agreement=10))  # fmt: skip
+    for got, want in zip(report.prompts, oracle.prompts, strict=True):
+        assert got.necessity_zero == pytest.approx(want.necessity_zero, rel=1e-4, abs=1e-6)
+        assert got.null_necessity == pytest.approx(want.null_necessity, rel=1e-4, abs=1e-6)
+    prompts = frames(at, "necessity", "p necessity", "beats null")[0]
+    assert list(prompts["prompt"]) == result_prompts
+    assert len(at.get("plotly_chart")) >= 4  # drill-down, merged, per-prompt null plot, pooled
+    # stored, and shown on the feature's page as a measured ablation effect
+    at = app_test("views/features.py")
+    at.text_input(key="feature_search").input(path.source_key).run()
+    assert not errors(at), errors(at)
+    tested = frames(at, "necessity", "sufficiency", "beats_null")[0]
+    row = tested[tested["id"] == stored_id]
+    assert len(row) == 1 and float(row["necessity"].iloc[0]) == pytest.approx(report.summary("necessity_zero").mean)
+    ValidationStore(neo4j_driver, app_env.stats_db.with_name("validations.duckdb"),
+                    app_env.connection.database).delete(stored_id)  # fmt: skip
+
+
+def test_edits_page_reports_the_edit(app_env: AtlasFixture, tiny_gpt2: LoadedModel) -> None:
+    from atlas.transcoders import load_transcoder
+    from atlas.validation.edits import FeatureEdit, apply_edit
+
+    path = app_env.one_hop
+    others = [pid for pid in app_env.graphs if pid != path.prompt_id]
+    at = app_test("views/edits.py")
+    at.button(key="edit_run").click().run()
+    assert "choose at least one target prompt" in errors(at)
+    at.text_area(key="edit_features").input(path.source_key)
+    at.multiselect(key="edit_targets").select(path.prompt_id)
+    at.text_input(key="edit_answer").input(path.target)
+    at.multiselect(key="edit_controls").select(others[0])
+    at.button(key="edit_run").click().run()
+    assert not errors(at), errors(at)
+    report = at.session_state["edit_result"]
+    transcoder = load_transcoder(app_env.transcoder_dir)
+    _, layer, feature = path.source_key.rsplit("/", 2)
+    target, control = [(app_env.graphs[path.prompt_id].text, path.target)], [app_env.graphs[others[0]].text]
+    oracle = apply_edit(tiny_gpt2, transcoder, FeatureEdit(((int(layer), int(feature)),)), target, control)
+    assert report.target_logit_change == pytest.approx(oracle.target_logit_change, rel=1e-4, abs=1e-6)
+    assert report.control_kl == pytest.approx(oracle.control_kl, rel=1e-4, abs=1e-9)
+    table = frames(at, "set", "Δ logit", "KL")[0]
+    assert list(table["set"]) == ["target", "control"]
+    assert frames(at, "before", "after")[0]["prompt"].iloc[0] == app_env.graphs[path.prompt_id].text
+    at.text_area(key="edit_features").input("0/99999")
+    at.button(key="edit_run").click().run()
+    assert any("unknown feature" in e for e in errors(at)), errors(at)

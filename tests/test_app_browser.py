@@ -1,7 +1,7 @@
 """End to end in a real browser: `atlas app` serves the app against the populated test store, headless Chromium
-(Debian's `chromium` + `chromium-driver`) driven by Selenium visits every page, runs the path query and one
-intervention, names a feature on the Features page and finds that label on the prompt graph and in the paths table,
-checks what is rendered, and saves a screenshot of each page under `test-artifacts/screenshots/`.
+(Debian's `chromium` + `chromium-driver`) driven by Selenium visits every page, runs the path query, validates its
+circuit and runs one intervention, names a feature on the Features page and finds that label on the prompt graph and
+in the paths table, checks what is rendered, and saves a screenshot of each page under `test-artifacts/screenshots/`.
 
 Skips (with the reason) only when Chromium or its driver is not installed; `make test` installs both.
 """
@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from neo4j import Driver
 from test_app import AtlasFixture, atlas_store, global_circuits_store  # noqa: F401  (session fixture shared with the AppTest tests)
 
 from atlas.storage.neo4j_server import free_loopback_port
@@ -169,6 +170,7 @@ def test_every_page_in_a_real_browser(
     browser: object,
     atlas_store: AtlasFixture,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
+    neo4j_driver: Driver,
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -257,6 +259,21 @@ def test_every_page_in_a_real_browser(
     cells = str(d.execute_script("return arguments[0].textContent;", table))  # type: ignore[attr-defined]
     assert LABEL in cells  # the "source label" and "path labels" columns of the ranked table
     shot(d, "4-paths")
+    # ... and validate it: the circuit (its source feature) against 5 null sets per prompt, plotted and stored
+    for name, value in (("Circuit size (features)", "1"), ("Null sets per prompt", "5")):
+        box = by_label(d, "input", name)
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)  # type: ignore[attr-defined]
+        box.send_keys(Keys.CONTROL, "a")  # type: ignore[attr-defined]
+        box.send_keys(value, Keys.ENTER)  # type: ignore[attr-defined]
+        wait_idle(d)
+    click_button(d, "Validate")
+    wait_text(d, "beats its nulls on", timeout=180)
+    wait_idle(d)
+    no_errors(d)
+    text = page_text(d)
+    assert "mean necessity" in text and "stored as validation-" in text
+    assert len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 4  # type: ignore[attr-defined]
+    shot(d, "4b-validation")
 
     # 5. Cypher console: a write is refused, a read returns rows
     d.get(f"{app_url}/cypher")  # type: ignore[attr-defined]
@@ -332,3 +349,5 @@ def test_every_page_in_a_real_browser(
         with GraphDatabase.driver(c.uri, auth=(c.user, c.password)) as driver:
             driver.execute_query("MATCH (n) WHERE n:Motif OR n:MotifRun OR n:Cluster OR n:ClusterRun DETACH DELETE n",
                                  database_=c.database)  # fmt: skip
+    neo4j_driver.execute_query("MATCH (v:Validation {transcoder: $tc}) DETACH DELETE v",
+                               tc=atlas_store.transcoder_id, database_=atlas_store.connection.database)  # fmt: skip

@@ -6,6 +6,7 @@ validated; every test deletes what it wrote.
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from collections.abc import Iterator
@@ -263,6 +264,9 @@ def test_atlas_validate_reports_bad_input_in_one_line(
         ([*base, "--prompt-id", pid], "the circuit is empty"),
         ([*base[:2], str(tmp_path / "none"), *base[3:], "--feature", "0/0", "--prompt-id", pid], "does not exist"),
         ([*base, "--feature", "0/0", "--prompt-id", pid, "--n-null", "0"], "--n-null"),
+        ([*base, "--from-paths"], "--from-paths needs --feature (its sources), --at-token, or both"),
+        ([*base, "--from-paths", "--at-token", "A", "--hops", "9"], "--hops"),
+        ([*base, "--feature", "0/0", "--prompt-file", str(tmp_path / "none.txt")], "none.txt does not exist"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(app, args)
@@ -322,3 +326,52 @@ def test_atlas_paths_prints_the_stability_over_cut_offs(
     cells = [c.strip() for c in lines[1].strip("│ ").split("│")]
     n_paths, kept, jaccard_value = int(cells[1]), float(cells[3].rstrip("%")), float(cells[4])
     assert n_paths > 0 and 0 < kept <= 100 and 0 < jaccard_value <= 1  # weaker paths drop out, the planted stay
+
+
+def test_circuits_from_a_paths_query_and_prompts_from_a_file(
+    neo4j_driver: Driver, stored: StoredPlanted, tmp_path: Path
+) -> None:
+    from ingest.validation import PathsQuery
+
+    duck = tmp_path / "validations.duckdb"
+
+    def load(resolved: ResolvedRequest) -> tuple[LoadedModel, PerLayerTranscoder]:
+        return stored.model, stored.transcoder
+
+    run = dict(stats_path=tmp_path / "no-stats.duckdb", validations_path=duck)
+    ids = [stored.prompt_ids[name] for name in TEXTS]
+    # the circuit as the first two features along the strongest `atlas paths --at-token A --target B` paths
+    paths = PathsQuery(("B",), at_token="A", model=stored.model_key)
+    report, _ = run_validation(neo4j_driver, stored.database, _request(from_paths=paths, top_k=2, prompt_ids=ids,
+                                                                       store=False), load, **run)  # type: ignore[arg-type]  # fmt: skip
+    assert report.circuit.features == tuple(sorted(CIRCUIT)) and report.pass_fraction == 1.0
+    assert [p.prompt_id for p in report.prompts] == ids
+    with pytest.raises(ValidationError, match="one circuit"):
+        run_validation(neo4j_driver, stored.database, _request(from_paths=paths, features=["0/0"], prompt_ids=ids),
+                       load, **run)  # type: ignore[arg-type]  # fmt: skip
+    with pytest.raises(ValidationError, match="paths query"):
+        run_validation(neo4j_driver, stored.database,
+                       _request(from_paths=PathsQuery(("B",), at_token="no-such-token", model=stored.model_key)),
+                       load, **run)  # type: ignore[arg-type]  # fmt: skip
+    # prompts from a file: the stored ones are recognised by their text, so the result can be stored
+    stored_file = tmp_path / "stored.jsonl"
+    stored_file.write_text("".join(json.dumps({"text": TEXTS[n]}) + "\n" for n in ("p1", "p0")), encoding="utf-8")
+    report, record = run_validation(neo4j_driver, stored.database,
+                                    _request(features=["0/0", "1/0"], prompt_file=stored_file), load, **run)  # type: ignore[arg-type]  # fmt: skip
+    assert record is not None and [p.prompt_id for p in report.prompts] == [stored.prompt_ids[n] for n in ("p1", "p0")]
+    assert report.pass_fraction == 1.0
+    ValidationStore(neo4j_driver, duck, stored.database).delete(record.id)
+    # a prompt that is not stored: validated with --no-store, refused (nothing loaded) when it would be stored
+    other = tmp_path / "other.txt"
+    other.write_text("zzA\nqA\n", encoding="utf-8")
+    with pytest.raises(ValidationError, match=r"1 prompt\(s\) of .*other.txt are not stored .*'zzA'.*--no-store"):
+        run_validation(neo4j_driver, stored.database, _request(features=["0/0", "1/0"], prompt_file=other), load,
+                       **run)  # type: ignore[arg-type]  # fmt: skip
+    report, record = run_validation(neo4j_driver, stored.database,
+                                    _request(features=["0/0", "1/0"], prompt_file=other, store=False), load, **run)  # type: ignore[arg-type]  # fmt: skip
+    assert record is None and [p.prompt_id for p in report.prompts] == [None, stored.prompt_ids["p1"]]
+    assert report.prompts[0].necessity_zero > 0.9
+    with pytest.raises(ValidationError, match="does not exist"):
+        run_validation(neo4j_driver, stored.database, _request(features=["0/0"], prompt_file=tmp_path / "no.txt"),
+                       load, **run)  # type: ignore[arg-type]  # fmt: skip
+    assert _counts(neo4j_driver, stored, duck) == (0, 0)

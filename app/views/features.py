@@ -148,3 +148,26 @@ if mattering:
         st.page_link("views/prompt_graph.py", label=f"graph of {m.text!r}", query_params={"prompt": m.prompt_id})
 else:
     st.caption("The feature is not active in any stored prompt graph.")
+
+st.subheader("Measured ablation effects")
+try:
+    from app.validation import feature_edits, feature_validations
+
+    tested = feature_validations(s.driver, s.database, key)
+    edited = feature_edits(s.driver, s.database, key)
+except Exception as err:
+    show_error(err, "stored validations unavailable")
+    tested, edited = [], []
+if tested:
+    st.caption(
+        "Stored validations of circuits holding this feature: the drop of the target when the circuit is ablated "
+        "(necessity), the share recovered by the circuit alone (sufficiency), and how often it beat its null sets."
+    )
+    st.dataframe(pd.DataFrame(tested), hide_index=True, key="feature_validations")
+else:
+    st.caption(
+        "No stored validation tests this feature (validate a circuit on the paths page or with `atlas validate`)."
+    )
+if edited:
+    st.caption("Stored edits of feature sets holding this feature (`atlas edit`).")
+    st.dataframe(pd.DataFrame(edited), hide_index=True, key="feature_edits")

@@ -130,3 +130,78 @@ if result is not None:
         st.subheader("Merged view (all prompts)")
         merged_nodes, merged_edges = merged_path_graph(paths)
         st.plotly_chart(figure(merged_nodes, merged_edges, height=460), key="path_merged_chart")
+
+    if not paths:
+        st.stop()
+    st.subheader("Validate the circuit on these paths")
+    st.caption(
+        "The first features along the strongest paths, tested by intervention on the prompts the paths come from: "
+        "necessity (ablate them), sufficiency (ablate everything else) against random same-size feature sets "
+        "matched by layer and activation (`atlas validate --from-paths`)."
+    )
+    v1, v2, v3 = st.columns(3)
+    top_k = v1.number_input("Circuit size (features)", 1, 50, 5, key="val_top_k")
+    target_texts = list(dict.fromkeys(p.target_text for p in paths))
+    val_target = v2.selectbox("Target logit", target_texts, key="val_target", format_func=repr)
+    n_null = v3.number_input("Null sets per prompt", 5, 200, 20, key="val_n_null")
+    if st.button("Validate", key="run_validation"):
+        from app.config import load_config
+        from app.interventions import resolve_runtime
+        from app.resources import model_bundle
+        from app.shaping import InputError
+        from app.validation import circuit_from_paths, run_circuit_validation, store_validation
+
+        try:
+            cfg = load_config()
+            keys, prompt_ids = circuit_from_paths([p for p in paths if p.target_text == val_target], int(top_k))
+            infos = [s.prompt(pid) for pid in prompt_ids]
+            prompts_found = [i for i in infos if i is not None]
+            first = prompts_found[0]
+            model_names, sources = s.runtime_labels(first.model, first.transcoder)
+            model_name, transcoder_dir = resolve_runtime(
+                first.model, first.transcoder, default_model=cfg.model, transcoders=cfg.transcoders,
+                model_names=model_names, transcoder_sources=sources,
+            )  # fmt: skip
+            with st.spinner(f"Loading {model_name} and transcoders…"):
+                bundle = model_bundle(model_name, str(transcoder_dir))
+            bar = st.progress(0.0, text="validating…")
+            report = run_circuit_validation(
+                bundle, keys, first.transcoder, [i.text for i in prompts_found], [i.id for i in prompts_found],
+                str(val_target), n_null=int(n_null),
+                progress=lambda i, n: bar.progress(i / n, text=f"validated {i}/{n} prompt(s)"),
+            )  # fmt: skip
+            stored_id = None
+            if not cfg.read_only:
+                stored_id = store_validation(s.driver, s.database, cfg.stats_db.with_name("validations.duckdb"),
+                                             report, first.transcoder, first.model)  # fmt: skip
+            st.session_state["val_result"] = (report, keys, stored_id)
+        except InputError as err:
+            st.session_state.pop("val_result", None)
+            st.error(str(err), icon=":material/pan_tool:")
+        except Exception as err:
+            st.session_state.pop("val_result", None)
+            show_error(err, "validation failed")
+
+    validated = st.session_state.get("val_result")
+    if validated is not None:
+        import plotly.express as px
+
+        from app.validation import null_rows, prompt_rows, summary_rows
+
+        report, keys, stored_id = validated
+        st.markdown("Circuit: " + ", ".join(f"`{k}`" for k in keys))
+        a, b, c = st.columns(3)
+        a.metric("beats its nulls on", f"{report.pass_fraction:.0%} of {len(report.prompts)} prompt(s)")
+        b.metric("mean necessity", f"{report.summary('necessity_zero').mean:+.3f}")
+        c.metric("mean sufficiency", f"{report.summary('sufficiency_frozen_errors').mean:+.3f}")
+        points = pd.DataFrame(null_rows(report))
+        fig = px.strip(points, x="prompt", y="value", color="set", facet_row="measure", height=520,
+                       color_discrete_map={"circuit": "#dc2626", "null": "#9ca3af"})  # fmt: skip
+        fig.update_yaxes(matches=None)
+        st.plotly_chart(fig, key="val_null_chart")
+        pooled = px.box(points, x="measure", y="value", color="set", points="all", height=320,
+                        color_discrete_map={"circuit": "#dc2626", "null": "#9ca3af"})  # fmt: skip
+        st.plotly_chart(pooled, key="val_pooled_chart")
+        st.dataframe(pd.DataFrame(prompt_rows(report)), hide_index=True, key="val_prompts")
+        st.dataframe(pd.DataFrame(summary_rows(report)), hide_index=True, key="val_summary")
+        st.caption(f"mode: {report.mode}" + (f" · stored as `{stored_id}`" if stored_id else " · not stored"))

@@ -69,6 +69,13 @@ prompt re-ingest; an additive constraint `atlas_diff_id`, so no schema version c
     (:Diff)-[:ON {similarity, node_overlap, edge_overlap, ..., exceeds_noise, prompt_b}]->(:Prompt)
     (:Feature)-[:ALIGNS_WITH {diff, decoder_cos, encoder_cos, act_corr, score, method}]->(:Feature)
 
+Edit layer (`atlas.storage.edits`; SHIFT-style feature-set edits and their measured effects, written atomically like
+validations; an additive constraint):
+
+    (:Edit {id, operation, value, features, transcoder, model, mode, target_logit_change, accuracy_before,
+            accuracy_after, control_kl, control_top1_agreement, ...})-[:EDITS]->(:Feature)
+    (:Edit)-[:MEASURED_ON {role: "target" | "control", answer_logit_change, kl, top1_same, ...}]->(:Prompt)
+
 Prompt metadata is free-form besides the required keys; the optional `task` (e.g. "capitals") and `run` are indexed
 for the app's overview and filters.
 
@@ -147,6 +154,9 @@ REL_AGG_EDGE = "AGG_EDGE"
 VALIDATION = "Validation"
 REL_TESTS = "TESTS"
 REL_ON = "ON"
+EDIT = "Edit"
+REL_EDITS = "EDITS"
+REL_MEASURED_ON = "MEASURED_ON"
 
 # Instance label by the `kind` column of NODE_SCHEMA.
 INSTANCE_LABELS: Mapping[str, str] = {
@@ -167,6 +177,7 @@ UNIQUE_KEYS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("atlas_instance_key", INSTANCE, ("prompt_id", "node_index")),
     ("atlas_schema_version_name", SCHEMA_VERSION_LABEL, ("name",)),
     ("atlas_validation_id", VALIDATION, ("id",)),
+    ("atlas_edit_id", EDIT, ("id",)),
 )
 
 # Secondary range indexes for the common anchors of read queries, as (name, label, properties). Instance labels get

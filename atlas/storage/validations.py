@@ -213,31 +213,16 @@ class ValidationStore:
         """Store `record` in both stores, or in neither (see the module docstring); returns its id."""
         if not record.prompts:
             raise ValidationStoreError("a validation without prompts cannot be stored")
-        self.duckdb_path.parent.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(self.duckdb_path))
-        try:
-            _create_tables(con)
-            con.execute("BEGIN TRANSACTION")
-            try:
-                row = [record.properties.get(name) for name in _VALIDATION_COLUMNS]
-                con.execute(f"INSERT INTO validations VALUES ({', '.join('?' * len(row))})", row)
-                for prompt in record.prompts:
-                    values = [record.id, *(prompt.get(name) for name in list(_PROMPT_COLUMNS)[1:])]
-                    con.execute(f"INSERT INTO validation_prompts VALUES ({', '.join('?' * len(values))})", values)
-                with self.driver.session(database=self.database) as session:
-                    session.execute_write(_write_neo4j, record, hook)
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            try:
-                if hook:
-                    hook("duckdb-commit")
-                con.execute("COMMIT")
-            except BaseException:
-                self.delete_neo4j(record.id)
-                raise
-        finally:
-            con.close()
+
+        def insert(con: duckdb.DuckDBPyConnection) -> None:
+            row = [record.properties.get(name) for name in _VALIDATION_COLUMNS]
+            con.execute(f"INSERT INTO validations VALUES ({', '.join('?' * len(row))})", row)
+            for prompt in record.prompts:
+                values = [record.id, *(prompt.get(name) for name in list(_PROMPT_COLUMNS)[1:])]
+                con.execute(f"INSERT INTO validation_prompts VALUES ({', '.join('?' * len(values))})", values)
+
+        write_both(self.duckdb_path, _create_tables, insert, self.driver, self.database,
+                   lambda tx: _write_neo4j(tx, record, hook), lambda: self.delete_neo4j(record.id), hook)  # fmt: skip
         return record.id
 
     def delete_neo4j(self, validation_id: str) -> None:
@@ -270,6 +255,41 @@ class ValidationStore:
         r = records[0]
         prompts = [{"prompt_id": row["prompt_id"], **row["props"]} for row in r["prompts"]]
         return ValidationRecord(validation_id, dict(r["v"]), sorted(r["keys"]), sorted(prompts, key=_by_prompt))
+
+
+def write_both(
+    duckdb_path: Path,
+    create_tables: Callable[[duckdb.DuckDBPyConnection], None],
+    insert: Callable[[duckdb.DuckDBPyConnection], None],
+    driver: Driver,
+    database: str,
+    write_neo4j: Callable[[ManagedTransaction], None],
+    undo_neo4j: Callable[[], None],
+    hook: StatementHook | None = None,
+) -> None:
+    """All or nothing in DuckDB and Neo4j: `insert` runs in an open DuckDB transaction, then `write_neo4j` in one
+    Neo4j transaction; DuckDB commits only after Neo4j did, and a failed DuckDB commit runs `undo_neo4j`."""
+    duckdb_path.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(duckdb_path))
+    try:
+        create_tables(con)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            insert(con)
+            with driver.session(database=database) as session:
+                session.execute_write(write_neo4j)
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        try:
+            if hook:
+                hook("duckdb-commit")
+            con.execute("COMMIT")
+        except BaseException:
+            undo_neo4j()
+            raise
+    finally:
+        con.close()
 
 
 def _by_prompt(row: Mapping[str, Any]) -> str:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -146,8 +146,10 @@ def apply_edit(
     *,
     n_generations: int = 2,
     max_new_tokens: int = 8,
+    progress: Callable[[int, int], Any] | None = None,
 ) -> EditReport:
-    """Measure `edit` on the target prompts `(text, answer or None)` and the control prompts (see module doc)."""
+    """Measure `edit` on the target prompts `(text, answer or None)` and the control prompts (see module doc);
+    `progress(done, total)` after each prompt measured and each generation pair."""
     if not target:
         raise ValidationError("the target prompt set is empty")
     spec = transcoder.spec
@@ -156,8 +158,22 @@ def apply_edit(
             raise ValidationError(
                 f"unknown feature {layer}/{feature}: the transcoder has {spec.n_layers} layers of {spec.n_features}"
             )
-    targets = [_measure(model, transcoder, edit, text, answer) for text, answer in target]
-    controls = [_measure(model, transcoder, edit, text, None) for text in control]
+    total = len(target) + len(control) + min(n_generations, len(target))
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    targets, controls = [], []
+    for text, answer in target:
+        targets.append(_measure(model, transcoder, edit, text, answer))
+        step()
+    for text in control:
+        controls.append(_measure(model, transcoder, edit, text, None))
+        step()
     generations = []
     for text, _ in target[:n_generations]:
         ctx = build_context(model, transcoder, model.tokenize(text)[0].cpu())
@@ -166,4 +182,5 @@ def apply_edit(
         before = generate(ctx, [], max_new_tokens=max_new_tokens).text
         after = generate(ctx, held, max_new_tokens=max_new_tokens).text
         generations.append((text, before, after))
+        step()
     return EditReport(edit, EDIT_MODE, targets, controls, generations)

@@ -241,16 +241,21 @@ def matched_null_sets(
             " other active ones: no same-size null set exists (circuit larger than the active set)"
         )
     log_mag = magnitudes.clamp(min=1e-12).log()
+    layer_of = layers.tolist()
+    candidate_list = candidates.tolist()
+    # per circuit instance: |log magnitude difference| to every instance (float32, as a Python list: the draws
+    # below index it millions of times on a large prompt)
+    distance = {m: (log_mag - log_mag[m]).abs().tolist() for m in members.tolist()}
     sets, fallbacks = [], 0
     for _ in range(n_sets):
         used: set[int] = set()
         chosen: list[int] = []
         for member in members.tolist():
-            pool = [c for c in candidates.tolist() if int(layers[c]) == int(layers[member]) and c not in used]
+            pool = [c for c in candidate_list if layer_of[c] == layer_of[member] and c not in used]
             if not pool:
-                pool = [c for c in candidates.tolist() if c not in used]
+                pool = [c for c in candidate_list if c not in used]
                 fallbacks += 1
-            pool.sort(key=lambda c: abs(float(log_mag[c] - log_mag[member])))
+            pool.sort(key=distance[member].__getitem__)
             size = min(len(pool), max(3, math.ceil(window * len(pool))))
             pick = pool[int(torch.randint(size, (1,), generator=generator))]
             used.add(pick)
@@ -431,7 +436,7 @@ def validate(
     *,
     config: ValidationConfig | None = None,
     mean_activations: torch.Tensor | None = None,
-    prompt_ids: Sequence[str] | None = None,
+    prompt_ids: Sequence[str | None] | None = None,
     progress: Callable[[int, int], Any] | None = None,
 ) -> ValidationReport:
     """Validate `circuit` on every prompt of the set and aggregate (see the module docstring)."""
