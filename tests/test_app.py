@@ -629,7 +629,8 @@ def global_circuits_store(app_env: AtlasFixture, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("NEO4J_URI", app_env.connection.uri)  # the CLI's variable; the app reads ATLAS_NEO4J_URI
     runner = CliRunner()
     for args in (["weights", "--transcoders", str(app_env.transcoder_dir), "--model", app_env.model_name, "--k", "8"],
-                 ["motifs", "mine", "--min-strength", "0.0001"], ["clusters", "build"]):  # fmt: skip
+                 ["motifs", "mine", "--min-strength", "0.0001", "--dictionary", app_env.transcoder_id],
+                 ["clusters", "build", "--dictionary", app_env.transcoder_id]):  # fmt: skip
         result = runner.invoke(cli, ["global", *args])
         assert result.exit_code == 0, result.output
     monkeypatch.delenv("NEO4J_URI")
@@ -669,8 +670,8 @@ def test_global_circuits_page_shows_weights_motifs_and_clusters(
                 assert mean == pytest.approx(agg[partner], rel=1e-6, abs=1e-9)
             else:
                 assert pd_isna(mean)
-        through = list_motifs(neo4j_driver, database, feature=key, limit=25)
-        corpus = list_motifs(neo4j_driver, database, kind="logit", order="support", limit=50)
+        through = list_motifs(neo4j_driver, database, tc, feature=key, limit=25)
+        corpus = list_motifs(neo4j_driver, database, tc, kind="logit", order="support", limit=50)
         assert corpus, "the fixture's graphs hold feature → feature → logit paths"
         motif_frames = frames(at, "path", "support", "mean strength")
         assert len(motif_frames) == (2 if through else 1)
@@ -678,7 +679,7 @@ def test_global_circuits_page_shows_weights_motifs_and_clusters(
             assert list(motif_frames[0]["support"]) == [r["support"] for r in through]
         assert list(motif_frames[-1]["support"]) == [r["support"] for r in corpus]
         assert len(at.get("plotly_chart")) >= 2
-        clusters = list_clusters(neo4j_driver, database, limit=50, prompts=20)
+        clusters = list_clusters(neo4j_driver, database, tc, limit=50, prompts=20)
         cluster_frames = frames(at, "cluster", "size", "cohesion")
         assert [list(f["size"]) for f in cluster_frames] == ([[c["size"] for c in clusters]] if clusters else [])
         # a malformed key is a readable error, not a crash

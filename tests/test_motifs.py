@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from neo4j import Driver
 from typer.testing import CliRunner
 
@@ -164,17 +165,30 @@ def planted_store(
     yield writer, tc, graphs
     for pid in graphs:
         writer.delete_prompt(pid)
-    neo4j_driver.execute_query("MATCH (m:Motif) DETACH DELETE m", database_=neo4j_connection.database)
-    neo4j_driver.execute_query("MATCH (r:MotifRun) DELETE r", database_=neo4j_connection.database)
-    neo4j_driver.execute_query("MATCH (f:Feature {transcoder: $tc}) DETACH DELETE f", tc=tc,
-                               database_=neo4j_connection.database)  # fmt: skip
+    _drop_dictionary(neo4j_driver, neo4j_connection.database, tc)
 
 
-def _state(driver: Driver, database: str) -> list[tuple[object, ...]]:
-    return [tuple(r.values()) for r in driver.execute_query(
-        "MATCH (m:Motif) OPTIONAL MATCH (m)-[s:SEEN_IN]->(p:Prompt) WITH m, p, s ORDER BY m.key, p.id "
-        "RETURN m.key, m.support, round(m.total_strength, 9), collect([p.id, round(s.strength, 9)])",
-        database_=database).records]  # fmt: skip
+def _drop_dictionary(driver: Driver, database: str, tc: str) -> None:
+    """Remove what a test stored for dictionary `tc` (its prompts are deleted by the writer)."""
+    driver.execute_query(
+        "MATCH (n) WHERE (n:Motif OR n:MotifRun OR n:Cluster OR n:ClusterRun OR n:Feature) AND n.transcoder = $tc "
+        "DETACH DELETE n",
+        tc=tc, database_=database,
+    )  # fmt: skip
+
+
+def _state(driver: Driver, database: str, tc: str | None = None) -> list[tuple[object, ...]]:
+    """Every Motif (of dictionary `tc`, else all) with its sums and per-prompt contributions, and the runs."""
+    motifs = [tuple(r.values()) for r in driver.execute_query(
+        "MATCH (m:Motif) WHERE $tc IS NULL OR m.transcoder = $tc OPTIONAL MATCH (m)-[s:SEEN_IN]->(p:Prompt) "
+        "WITH m, p, s ORDER BY m.key, p.id "
+        "RETURN m.key, m.transcoder, m.support, round(m.total_strength, 9), collect([p.id, round(s.strength, 9)])",
+        tc=tc, database_=database).records]  # fmt: skip
+    runs = [tuple(r.values()) for r in driver.execute_query(
+        "MATCH (r:MotifRun) WHERE $tc IS NULL OR r.transcoder = $tc "
+        "RETURN r.name, r.transcoder, r.min_strength, r.max_features, r.n_prompts ORDER BY r.name",
+        tc=tc, database_=database).records]  # fmt: skip
+    return motifs + runs
 
 
 def test_planted_two_hop_path_is_the_top_motif_and_updates_are_incremental(
@@ -188,22 +202,25 @@ def test_planted_two_hop_path_is_the_top_motif_and_updates_are_incremental(
     b_id = planted_model().tokenizer.convert_tokens_to_ids(TARGET_TOKEN)
     planted = ("logit", (f"{tc}/{HOP1[0]}/{HOP1[1]}", f"{tc}/{HOP2[0]}/{HOP2[1]}", token_key(str(model_name), b_id)))
 
-    mined = runner.invoke(app, ["global", "motifs", "mine", "--min-strength", "0.001"])
+    scope = ["--dictionary", tc]  # the session's store may hold other tests' dictionaries
+    mined = runner.invoke(app, ["global", "motifs", "mine", "--min-strength", "0.001", *scope])
     assert mined.exit_code == 0, mined.output
-    ours = [r for r in list_motifs(neo4j_driver, database, limit=10_000) if r["nodes"][0].startswith(tc)]
+    ours = list_motifs(neo4j_driver, database, tc, kind="logit", limit=10_000)
     assert (ours[0]["kind"], tuple(ours[0]["nodes"])) == planted
     assert len(ours) >= 10, "distractor paths (off 'A') are motifs too, with less support and strength"
     # all of B's logit comes through the two hops, so the path carries B's whole probability
     nodes = graphs[f"{tc}-0"][1].to_pylist()  # type: ignore[attr-defined]
     p_b = next(n["probability"] for n in nodes if n["kind"] == "logit" and n["token_id"] == b_id)
     assert ours[0]["support"] == len(A_PROMPTS) and ours[0]["mean"] == pytest.approx(p_b, rel=0.02), (ours[0], p_b)
-    by_support = list_motifs(neo4j_driver, database, kind="logit", order="support", limit=10_000,
+    by_support = list_motifs(neo4j_driver, database, tc, kind="logit", order="support", limit=10_000,
                              feature=f"{tc}/{HOP1[0]}/{HOP1[1]}")  # fmt: skip
     assert tuple(by_support[0]["nodes"]) == planted[1]
     # the token end of the same circuit: 'A' → hop 1 → hop 2
-    token_rows = list_motifs(neo4j_driver, database, kind="token", limit=10_000, feature=f"{tc}/{HOP2[0]}/{HOP2[1]}")
+    token_rows = list_motifs(
+        neo4j_driver, database, tc, kind="token", limit=10_000, feature=f"{tc}/{HOP2[0]}/{HOP2[1]}"
+    )
     assert tuple(token_rows[0]["nodes"][1:]) == planted[1][:2] and token_rows[0]["support"] == len(A_PROMPTS)
-    listed = runner.invoke(app, ["global", "motifs", "list", "--top", "3"])
+    listed = runner.invoke(app, ["global", "motifs", "list", "--top", "3", *scope])
     assert listed.exit_code == 0 and "'B'" in listed.output, listed.output
     # Cypher-queryable: the motif's features in path order, and its supporting prompts
     record = neo4j_driver.execute_query(
@@ -213,26 +230,26 @@ def test_planted_two_hop_path_is_the_top_motif_and_updates_are_incremental(
     assert tuple(record["nodes"]) == planted[1] and sorted(record["texts"]) == sorted(A_PROMPTS)
 
     full = _state(neo4j_driver, database)
-    assert runner.invoke(app, ["global", "motifs", "mine", "--min-strength", "0.001"]).exit_code == 0
+    assert runner.invoke(app, ["global", "motifs", "mine", "--min-strength", "0.001", *scope]).exit_code == 0
     assert _state(neo4j_driver, database) == full, "re-mining gives the same store"
-    again = runner.invoke(app, ["global", "motifs", "update", "--min-strength", "0.001"])
-    assert again.exit_code == 0 and "update: 0 of" in again.output, again.output
+    again = runner.invoke(app, ["global", "motifs", "update", "--min-strength", "0.001", *scope])
+    assert again.exit_code == 0 and f"update {tc}: 0 of" in again.output, again.output
     assert _state(neo4j_driver, database) == full
 
     # delete one A prompt and re-ingest a non-A one: the update touches exactly those, and equals a full re-mine
     a_pid, other_pid = f"{tc}-0", f"{tc}-{len(A_PROMPTS)}"
     writer.delete_prompt(a_pid)
     writer.write_prompts([graphs[other_pid]])
-    report = mine_store(neo4j_driver, database, full=False, min_strength=0.001)
+    report = mine_store(neo4j_driver, database, full=False, transcoder=tc, min_strength=0.001)
     assert report.mined == 1 and report.removed > 0
     incremental = _state(neo4j_driver, database)
-    mine_store(neo4j_driver, database, full=True, min_strength=0.001)
+    mine_store(neo4j_driver, database, full=True, transcoder=tc, min_strength=0.001)
     assert _state(neo4j_driver, database) == incremental
-    top = next(r for r in list_motifs(neo4j_driver, database, limit=10_000) if r["nodes"][0].startswith(tc))
+    top = list_motifs(neo4j_driver, database, tc, kind="logit", limit=10_000)[0]
     assert tuple(top["nodes"]) == planted[1] and top["support"] == len(A_PROMPTS) - 1
-    assert a_pid not in motif_contributions(neo4j_driver, database)
+    assert a_pid not in motif_contributions(neo4j_driver, database, tc)
     with pytest.raises(MotifStoreError, match="same"):
-        mine_store(neo4j_driver, database, full=False, min_strength=0.01)
+        mine_store(neo4j_driver, database, full=False, transcoder=tc, min_strength=0.01)
 
     # bad input: clear errors, store unchanged
     before = _state(neo4j_driver, database)
@@ -240,15 +257,18 @@ def test_planted_two_hop_path_is_the_top_motif_and_updates_are_incremental(
                 (["mine", "--min-strength", "0"], "min-strength"), (["list", "--kind", "edge"], "--kind"),
                 (["mine", "--max-features", "7"], "max-features"), (["list", "--top", "0"], "top"))  # fmt: skip
     for args, message in bad_args:
-        bad = runner.invoke(app, ["global", "motifs", *args])
+        bad = runner.invoke(app, ["global", "motifs", *args, *scope])
         assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
     assert _state(neo4j_driver, database) == before
 
 
-def _clusters(driver: Driver, database: str) -> list[tuple[object, ...]]:
+def _clusters(driver: Driver, database: str, tc: str | None = None) -> list[tuple[object, ...]]:
+    """Every Cluster (of dictionary `tc`, else all): key, size, cohesion, features, motifs, member prompts."""
     return [tuple(r.values()) for r in driver.execute_query(
-        "MATCH (c:Cluster) OPTIONAL MATCH (c)-[:CONTAINS]->(p:Prompt) WITH c, p ORDER BY p.id "
+        "MATCH (c:Cluster) WHERE $tc IS NULL OR c.transcoder = $tc OPTIONAL MATCH (c)-[:CONTAINS]->(p:Prompt) "
+        "WITH c, p ORDER BY p.id "
         "RETURN c.key, c.size, round(c.cohesion, 9), c.features, c.motifs, collect(p.id) ORDER BY c.key",
+        tc=tc,
         database_=database).records]  # fmt: skip
 
 
@@ -261,12 +281,11 @@ def test_planted_prompts_cluster_by_their_circuit_idempotently(
     _, tc, graphs = planted_store
     database = neo4j_connection.database
     runner = CliRunner()
-    neo4j_driver.execute_query("MATCH (c:Cluster) DETACH DELETE c", database_=database)
-    neo4j_driver.execute_query("MATCH (r:ClusterRun) DELETE r", database_=database)
-    empty = runner.invoke(app, ["global", "clusters", "list"])
+    scope = ["--dictionary", tc]
+    empty = runner.invoke(app, ["global", "clusters", "list", *scope])
     assert empty.exit_code == 2 and "no clusters stored" in empty.output, empty.output
-    assert runner.invoke(app, ["global", "motifs", "mine"]).exit_code == 0
-    built = runner.invoke(app, ["global", "clusters", "build"])
+    assert runner.invoke(app, ["global", "motifs", "mine", *scope]).exit_code == 0
+    built = runner.invoke(app, ["global", "clusters", "build", *scope])
     assert built.exit_code == 0 and "clusters of" in built.output, built.output
     state = _clusters(neo4j_driver, database)
     a_ids = {f"{tc}-{i}" for i in range(len(A_PROMPTS))}
@@ -284,14 +303,122 @@ def test_planted_prompts_cluster_by_their_circuit_idempotently(
         "MATCH (c:Cluster)-[:CONTAINS]->(:Prompt {id: $p}) MATCH (c)-[r:CHARACTERISED_BY]->(f:Feature) "
         "RETURN f.key AS key ORDER BY r.rank", p=f"{tc}-0", database_=database).records  # fmt: skip
     assert hop_keys <= {r["key"] for r in rows}
-    listed = runner.invoke(app, ["global", "clusters", "list"])
+    listed = runner.invoke(app, ["global", "clusters", "list", *scope])
     assert listed.exit_code == 0 and "xyA" in listed.output, listed.output
-    assert runner.invoke(app, ["global", "clusters", "build"]).exit_code == 0
+    assert runner.invoke(app, ["global", "clusters", "build", *scope]).exit_code == 0
     assert _clusters(neo4j_driver, database) == state, "a rebuild stores the same clusters"
     for args, message in ((["build", "--eps", "0"], "--eps"), (["build", "--min-samples", "1"], "min-samples"),
                           (["group"], "unknown action"), (["build", "--neighbours", "0"], "neighbours")):  # fmt: skip
-        bad = runner.invoke(app, ["global", "clusters", *args])
+        bad = runner.invoke(app, ["global", "clusters", *args, *scope])
         assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
     assert _clusters(neo4j_driver, database) == state
-    neo4j_driver.execute_query("MATCH (c:Cluster) DETACH DELETE c", database_=database)
-    neo4j_driver.execute_query("MATCH (r:ClusterRun) DELETE r", database_=database)
+
+
+def _everything(driver: Driver, database: str) -> list[object]:
+    """Every corpus-structure node of the store (all dictionaries), with its relationships: what 'nothing written'
+    compares."""
+    return [tuple(r.values()) for r in driver.execute_query(
+        "MATCH (n) WHERE n:Motif OR n:MotifRun OR n:Cluster OR n:ClusterRun OPTIONAL MATCH (n)-[r]->(x) "
+        "WITH n, type(r) AS t, coalesce(x.key, x.id) AS k ORDER BY t, k "
+        "WITH n, collect([t, k]) AS out RETURN labels(n), properties(n), out ORDER BY n.name, n.key",
+        database_=database).records]  # fmt: skip
+
+
+def test_two_dictionaries_in_one_store_are_mined_and_clustered_apart(
+    planted_store: tuple[GraphWriter, str, dict[str, tuple[dict[str, object], object, object]]],
+    neo4j_driver: Driver, neo4j_connection: Neo4jConnection, tmp_path: Path,
+) -> None:  # fmt: skip
+    """A second dictionary (a perturbed copy of the planted one, with its own content id, as after `atlas diff`)
+    beside the planted store's: mining / updating / clustering one never reads, mixes or touches the other's; with
+    both stored and no dictionary named, or a dictionary without prompts, each command errors and writes nothing."""
+    from atlas.transcoders import save_transcoder, transcoder_identity
+
+    writer, tc, _ = planted_store
+    database = neo4j_connection.database
+    runner = CliRunner()
+    model = planted_model()
+    copy = planted_transcoder(model)
+    with torch.no_grad():
+        copy.b_dec[0, 0] += 1e-6 * (1 + uuid.uuid4().int % 1000)  # a dictionary of its own, this test's alone
+    directory = save_transcoder(copy, tmp_path / "copy", model_name=model.info.name)
+    tc2 = transcoder_identity(directory).id
+    assert tc2 != tc and tc2.startswith("plt-")
+    texts = A_PROMPTS[:3] + OTHER_PROMPTS
+    second = {}
+    for i, text in enumerate(texts):
+        graph = attribute(model, copy, text, config=AttributionConfig(), transcoder_id=tc2)
+        nodes, edges = graph.to_tables(f"{tc2}-{i}")
+        second[f"{tc2}-{i}"] = ({"id": f"{tc2}-{i}", "text": text, "model": model.info.name, "transcoder": tc2,
+                                 "run": tc2}, nodes, edges)  # fmt: skip
+    writer.write_prompts(list(second.values()))
+    try:
+        # ambiguous (several dictionaries, none named) and a dictionary with no prompts: clear errors, nothing written
+        before = _everything(neo4j_driver, database)
+        for args in (["motifs", "mine"], ["motifs", "update"], ["motifs", "list"], ["clusters", "build"],
+                     ["clusters", "list"]):  # fmt: skip
+            bad = runner.invoke(app, ["global", *args])
+            assert bad.exit_code == 2 and "dictionaries" in bad.output, (args, bad.output)
+            assert tc in bad.output and tc2 in bad.output, "the error lists the stored dictionaries"
+            for missing in (["--dictionary", "plt-0000000000000000"], ["--transcoders", str(tmp_path / "none")]):
+                bad = runner.invoke(app, ["global", *args, *missing])
+                assert bad.exit_code == 2, (args, missing, bad.output)
+            unknown = runner.invoke(app, ["global", *args, "--dictionary", "plt-0000000000000000"])
+            assert "no prompts of dictionary 'plt-0000000000000000'" in unknown.output, unknown.output
+        conflict = runner.invoke(app, ["global", "motifs", "mine", "--transcoders", str(directory), "--dictionary", tc])
+        assert conflict.exit_code == 2 and "is not the dictionary of --transcoders" in conflict.output
+        assert _everything(neo4j_driver, database) == before
+
+        # the copy by its files (--transcoders resolves the content id), the planted one by its id
+        for args in (["motifs", "mine", "--transcoders", str(directory)], ["clusters", "build", "--dictionary", tc2]):
+            done = runner.invoke(app, ["global", *args])
+            assert done.exit_code == 0 and tc2 in done.output, done.output
+        motifs2, clusters2 = _state(neo4j_driver, database, tc2), _clusters(neo4j_driver, database, tc2)
+        assert motifs2 and clusters2
+        for args in (["motifs", "mine"], ["clusters", "build"]):
+            assert runner.invoke(app, ["global", *args, "--dictionary", tc]).exit_code == 0
+        assert _state(neo4j_driver, database, tc2) == motifs2, "mining the planted dictionary left the copy's alone"
+        assert _clusters(neo4j_driver, database, tc2) == clusters2, "so did clustering it"
+        # each dictionary's motifs and clusters hold its own prompts only; each finds the planted path
+        mixed = neo4j_driver.execute_query(
+            "MATCH (n)-[:SEEN_IN|CONTAINS]->(p:Prompt) WHERE (n:Motif OR n:Cluster) AND n.transcoder IN [$a, $b] "
+            "AND p.transcoder <> n.transcoder RETURN count(*) AS n", a=tc, b=tc2, database_=database,
+        ).records[0]["n"]  # fmt: skip
+        assert mixed == 0
+        b_key = token_key(str(model.info.name), model.tokenizer.convert_tokens_to_ids(TARGET_TOKEN))
+        for dictionary, ids in (
+            (tc, {f"{tc}-{i}" for i in range(len(A_PROMPTS))}),
+            (tc2, {f"{tc2}-{i}" for i in range(3)}),
+        ):
+            top = list_motifs(neo4j_driver, database, dictionary, kind="logit", order="support", limit=1)[0]
+            assert tuple(top["nodes"]) == (f"{dictionary}/{HOP1[0]}/{HOP1[1]}", f"{dictionary}/{HOP2[0]}/{HOP2[1]}",
+                                           b_key) and top["support"] == len(ids)  # fmt: skip
+            assert ids in [set(c[5]) for c in _clusters(neo4j_driver, database, dictionary)]  # type: ignore[arg-type]
+        listed = runner.invoke(app, ["global", "motifs", "list", "--dictionary", tc2, "--top", "100"])
+        assert listed.exit_code == 0 and tc2 in listed.output and f"motifs of {tc2}" in listed.output
+        assert str(tc) not in listed.output, "a listing shows one dictionary's motifs"
+
+        # incremental update of one dictionary after its prompts change: the other's stays as it was
+        planted_before = _state(neo4j_driver, database, tc)
+        writer.delete_prompt(f"{tc2}-0")
+        report = mine_store(neo4j_driver, database, full=False, transcoder=tc2)
+        assert report.transcoder == tc2 and report.mined == 0 and report.removed > 0
+        assert _state(neo4j_driver, database, tc) == planted_before
+        incremental = _state(neo4j_driver, database, tc2)
+        mine_store(neo4j_driver, database, full=True, transcoder=tc2)
+        assert _state(neo4j_driver, database, tc2) == incremental, "the update equals a full re-mine of the copy"
+        assert list_motifs(neo4j_driver, database, tc2, kind="logit", order="support", limit=1)[0]["support"] == 2
+
+        # motifs mined before they were scoped (no `transcoder`, one store-wide run "motifs"): the next update adopts
+        # them exactly as a scoped mining would have stored them, re-mining nothing
+        scoped = _state(neo4j_driver, database, tc)
+        neo4j_driver.execute_query("MATCH (m:Motif {transcoder: $t}) REMOVE m.transcoder", t=tc, database_=database)
+        neo4j_driver.execute_query("MATCH (r:MotifRun {transcoder: $t}) SET r.name = 'motifs' REMOVE r.transcoder, "
+                                   "r.n_prompts", t=tc, database_=database)  # fmt: skip
+        assert _state(neo4j_driver, database, tc) == []
+        adopted = mine_store(neo4j_driver, database, full=False, transcoder=tc, min_strength=0.01)
+        assert adopted.mined == 0 and _state(neo4j_driver, database, tc) == scoped
+        assert _state(neo4j_driver, database, tc2) == incremental
+    finally:
+        for pid in second:
+            writer.delete_prompt(pid)
+        _drop_dictionary(neo4j_driver, database, tc2)

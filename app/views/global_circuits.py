@@ -1,6 +1,7 @@
 """Global circuits page: one feature's strongest global inputs and outputs (virtual weight, ERA, TWERA beside the
 empirical mean attribution of the stored prompts) and the motifs through it; the corpus's motifs by support; the
-prompt clusters with their prompts. Reads only (DuckDB global weights, Neo4j motifs / clusters / aggregate layer)."""
+prompt clusters with their prompts. Reads only (DuckDB global weights, Neo4j motifs / clusters / aggregate layer).
+Motifs and clusters are per dictionary: the page shows one, picked in the selector (default: the typed feature's)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,30 @@ def motif_frame(rows: list[dict]) -> pd.DataFrame:
     )  # fmt: skip
 
 
+def scoped_dictionaries() -> list[str]:
+    """Dictionaries with mined motifs or built clusters."""
+    records = s.driver.execute_query(
+        "MATCH (r) WHERE (r:MotifRun OR r:ClusterRun) AND r.transcoder IS NOT NULL RETURN DISTINCT r.transcoder AS t "
+        "ORDER BY t",
+        database_=s.database, routing_=RoutingControl.READ,
+    ).records  # fmt: skip
+    return [r["t"] for r in records]
+
+
+try:
+    dictionaries = scoped_dictionaries()
+except Exception as err:
+    show_error(err, "motifs and clusters unavailable")
+    dictionaries = []
+# default: the typed feature's dictionary (no widget key, so the pick follows a newly typed feature)
+typed = str(st.session_state.get("global_feature", st.query_params.get("feature", ""))).strip()
+shown = typed.split("/", 1)[0] if typed else st.query_params.get("dictionary", "")
+dictionary = (
+    st.selectbox("Dictionary (motifs and clusters)", dictionaries,
+                 index=dictionaries.index(shown) if shown in dictionaries else 0)
+    if len(dictionaries) > 1 else (dictionaries[0] if dictionaries else None)
+)  # fmt: skip
+
 feature_tab, motif_tab, cluster_tab = st.tabs(["Feature", "Motifs by support", "Prompt clusters"])
 
 with feature_tab:
@@ -88,8 +113,8 @@ with feature_tab:
             st.plotly_chart(fig, key=f"global_chart_{relation}")
         st.subheader("Motifs through this feature")
         try:
-            mined = motif_run(s.driver, s.database) is not None
-            through = list_motifs(s.driver, s.database, feature=key, limit=25) if mined else []
+            mined = motif_run(s.driver, s.database, transcoder) is not None
+            through = list_motifs(s.driver, s.database, transcoder, feature=key, limit=25) if mined else []
         except Exception as err:
             show_error(err, "motifs unavailable")
             through = []
@@ -102,17 +127,21 @@ with feature_tab:
 
 with motif_tab:
     try:
-        run = motif_run(s.driver, s.database)
+        run = motif_run(s.driver, s.database, dictionary) if dictionary else None
         kind = st.radio("Kind", ["logit", "token"], horizontal=True, key="motif_kind")
-        top = list_motifs(s.driver, s.database, kind=kind, order="support", limit=50) if run else []
+        top = (
+            list_motifs(s.driver, s.database, dictionary, kind=kind, order="support", limit=50)
+            if run and dictionary
+            else []
+        )
     except Exception as err:
         show_error(err, "motifs unavailable")
         run, top = None, []
     if not run:
         st.caption("No motifs mined yet: `atlas global motifs mine`.")
     else:
-        st.caption(f"{run.get('n_prompts', '?')} prompts mined · paths ≥ {run['min_strength']} of a prompt's output"
-                   f" · up to {run['max_features']} features")  # fmt: skip
+        st.caption(f"{dictionary}: {run.get('n_prompts', '?')} prompts mined · paths ≥ {run['min_strength']} of a"
+                   f" prompt's output · up to {run['max_features']} features")  # fmt: skip
         frame = motif_frame(top)
         st.dataframe(frame, hide_index=True, key="corpus_motifs")
         if not frame.empty:
@@ -122,16 +151,17 @@ with motif_tab:
 
 with cluster_tab:
     try:
-        crun = cluster_run(s.driver, s.database)
-        clusters = list_clusters(s.driver, s.database, limit=50, prompts=20) if crun else []
+        crun = cluster_run(s.driver, s.database, dictionary) if dictionary else None
+        clusters = list_clusters(s.driver, s.database, dictionary, limit=50, prompts=20) if crun and dictionary else []
     except Exception as err:
         show_error(err, "clusters unavailable")
         crun, clusters = None, []
     if crun is None:
         st.caption("No clusters stored yet: `atlas global clusters build`.")
     else:
-        st.caption(f"{crun['n_clusters']} clusters of {crun['n_prompts']} prompts ({crun['n_unclustered']}"
-                   f" unclustered: sharing their circuitry with too few others) · DBSCAN eps {crun['eps']}"
+        st.caption(f"{dictionary}: {crun['n_clusters']} clusters of {crun['n_prompts']} prompts"
+                   f" ({crun['n_unclustered']} unclustered: sharing their circuitry with too few others) · DBSCAN eps"
+                   f" {crun['eps']}"
                    " (cosine distance)")  # fmt: skip
     if clusters:
         st.dataframe(

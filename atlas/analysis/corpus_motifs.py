@@ -1,9 +1,11 @@
 """Corpus structure of the stored graphs: motifs (which prompts to (re-)mine, mining, writing) and prompt clusters.
 
 Glue between `atlas.storage.motifs` (Neo4j reads and writes) and the pure miner `atlas.analysis.motifs`; it holds no
-mining logic of its own. `mine_store(full=True)` re-mines every prompt (deleting every motif first);
-`mine_store(full=False)` is the incremental update described in `atlas.storage.motifs`. `cluster_store` reads every
-prompt's graph, clusters with `atlas.analysis.clusters` and replaces the `(:Cluster)` nodes (`atlas.storage.clusters`).
+mining logic of its own. Both work on one dictionary's prompts (`transcoder`; None: the store's only dictionary, an
+error naming the stored ones when there are several), and write only that dictionary's nodes.
+`mine_store(full=True)` re-mines every prompt of the dictionary (deleting its motifs first); `mine_store(full=False)`
+is the incremental update described in `atlas.storage.motifs`. `cluster_store` reads the dictionary's prompt graphs,
+clusters with `atlas.analysis.clusters` and replaces its `(:Cluster)` nodes (`atlas.storage.clusters`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class MiningReport:
-    n_prompts: int  # prompts in the store
+    transcoder: str  # the dictionary mined
+    n_prompts: int  # its prompts in the store
     mined: int  # prompts (re-)mined by this call
     removed: int  # motifs refreshed because their prompts were deleted
     touched: int  # motifs whose sums changed
@@ -31,30 +34,29 @@ class MiningReport:
 
 
 def mine_store(
-    driver: Driver, database: str, *, full: bool, min_strength: float = 0.01, max_features: int = 4,
-    batch: int = 64, progress: Callable[[int, int], None] | None = None,
+    driver: Driver, database: str, *, full: bool, transcoder: str | None = None, min_strength: float = 0.01,
+    max_features: int = 4, batch: int = 64, progress: Callable[[int, int], None] | None = None,
 ) -> MiningReport:  # fmt: skip
-    """Mine the store's prompts (all of them, or only the new and re-ingested ones) into `(:Motif)` nodes."""
+    """Mine one dictionary's prompts (all of them, or only the new and re-ingested ones) into `(:Motif)` nodes."""
     check_parameters(min_strength, max_features)
     started = time.perf_counter()
-    stamps = store.prompt_stamps(driver, database)
-    if not stamps:
-        raise store.MotifStoreError("the store holds no prompts; ingest some first (`atlas ingest` or `atlas demo`)")
+    tc = store.resolve_dictionary(driver, database, transcoder)  # before any write: no prompts is an error
+    stamps = store.prompt_stamps(driver, database, tc)
     store.ensure_motif_schema(driver, database)
-    run = store.motif_run(driver, database)
+    run = store.motif_run(driver, database, tc)
     if not full and run is not None and (run["min_strength"], run["max_features"]) != (min_strength, max_features):
         raise store.MotifStoreError(
             f"the stored motifs were mined with min_strength {run['min_strength']}, max_features "
             f"{run['max_features']}; an update must use the same (or run `atlas global motifs mine` to re-mine)"
         )
     if full:
-        store.clear_motifs(driver, database)
+        store.clear_motifs(driver, database, tc)
         todo = sorted(stamps)
     else:
-        mined = store.mined_stamps(driver, database)
+        mined = store.mined_stamps(driver, database, tc)
         todo = sorted(pid for pid, at in stamps.items() if mined.get(pid) != at)
     timings = {"plan": time.perf_counter() - started}
-    removed = 0 if full else store.refresh_orphans(driver, database)
+    removed = 0 if full else store.refresh_orphans(driver, database, tc)
     timings["deleted prompts"] = time.perf_counter() - started - timings["plan"]
     read_s = mine_s = write_s = 0.0
     touched: set[str] = set()
@@ -72,22 +74,24 @@ def mine_store(
                 for (kind, nodes), c in paths.items()
             ]  # fmt: skip
         t2 = time.perf_counter()
-        touched |= store.write_contributions(driver, database, contributions, stamps,
+        touched |= store.write_contributions(driver, database, contributions, stamps, transcoder=tc,
                                              min_strength=min_strength, max_features=max_features)  # fmt: skip
         t3 = time.perf_counter()
         read_s, mine_s, write_s = read_s + t1 - t0, mine_s + t2 - t1, write_s + t3 - t2
         if progress is not None:
             progress(min(start + batch, len(todo)), len(todo))
     if not todo and run is None:  # nothing to mine and nothing stored: still record the parameters
-        store.write_contributions(driver, database, {}, stamps, min_strength=min_strength, max_features=max_features)
-    store.set_run_prompts(driver, database)
+        store.write_contributions(driver, database, {}, stamps, transcoder=tc, min_strength=min_strength,
+                                  max_features=max_features)  # fmt: skip
+    store.set_run_prompts(driver, database, tc)
     timings.update({"read graphs": read_s, "mine": mine_s, "write": write_s})
-    logger.info("motifs: %s", ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
-    return MiningReport(len(stamps), len(todo), removed, len(touched), timings)
+    logger.info("motifs of %s: %s", tc, ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return MiningReport(tc, len(stamps), len(todo), removed, len(touched), timings)
 
 
 @dataclass
 class ClusterReport:
+    transcoder: str
     n_prompts: int
     n_clusters: int
     n_unclustered: int
@@ -97,10 +101,11 @@ class ClusterReport:
 
 
 def cluster_store(
-    driver: Driver, database: str, *, eps: float = 0.3, min_samples: int = 2, n_neighbours: int = 15,
-    signature_features: int = 32, batch: int = 64, progress: Callable[[int, int], None] | None = None,
+    driver: Driver, database: str, *, transcoder: str | None = None, eps: float = 0.3, min_samples: int = 2,
+    n_neighbours: int = 15, signature_features: int = 32, batch: int = 64,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ClusterReport:  # fmt: skip
-    """Cluster every stored prompt by shared circuitry and replace the store's `(:Cluster)` nodes."""
+    """Cluster one dictionary's stored prompts by shared circuitry and replace its `(:Cluster)` nodes."""
     from atlas.analysis.clusters import (
         cluster_labels,
         feature_influence,
@@ -118,9 +123,8 @@ def cluster_store(
             f"{min_samples}, {n_neighbours}, {signature_features}"
         )
     t0 = time.perf_counter()
-    prompt_ids = sorted(store.prompt_stamps(driver, database))
-    if not prompt_ids:
-        raise store.MotifStoreError("the store holds no prompts; ingest some first (`atlas ingest` or `atlas demo`)")
+    tc = store.resolve_dictionary(driver, database, transcoder)  # no prompts of it: an error, nothing written
+    prompt_ids = sorted(store.prompt_stamps(driver, database, tc))
     weights: dict[str, dict[str, float]] = {}
     for start in range(0, len(prompt_ids), batch):
         for g in store.read_prompt_graphs(driver, database, prompt_ids[start : start + batch]):
@@ -139,19 +143,20 @@ def cluster_store(
     distances = neighbour_graph(vectors, pairs, n_neighbours)
     labels = cluster_labels(distances, eps=eps, min_samples=min_samples)
     t2 = time.perf_counter()
-    prompt_motifs = {pid: [r["key"] for r in rows] for pid, rows in store.motif_contributions(driver, database).items()}
+    contributions = store.motif_contributions(driver, database, tc)
+    prompt_motifs = {pid: [r["key"] for r in rows] for pid, rows in contributions.items()}
     summaries = summarise(vectors, labels, prompt_motifs)
     n = len(vectors.prompt_ids)
     unclustered = int((labels < 0).sum())
     run = {"eps": eps, "min_samples": min_samples, "n_neighbours": n_neighbours, "n_prompts": n,
            "n_clusters": len(summaries), "n_unclustered": unclustered, "candidate_pairs": len(pairs)}  # fmt: skip
     replace_clusters(
-        driver, database,
+        driver, database, tc,
         [{"index": s.index, "prompt_ids": s.prompt_ids, "features": s.features, "motifs": s.motifs,
           "cohesion": s.cohesion} for s in summaries],
         run,
     )  # fmt: skip
     t3 = time.perf_counter()
     timings = {"read + influence": t1 - t0, "vectors + LSH + DBSCAN": t2 - t1, "summarise + write": t3 - t2}
-    logger.info("clusters: %s", ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
-    return ClusterReport(n, len(summaries), unclustered, len(pairs), n * (n - 1) // 2, timings)
+    logger.info("clusters of %s: %s", tc, ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return ClusterReport(tc, n, len(summaries), unclustered, len(pairs), n * (n - 1) // 2, timings)
