@@ -55,12 +55,18 @@ re-ingest; an additive constraint, so no schema version change):
         (:Prompt {agreement})
 
 Corpus-structure layer (`atlas global motifs` / `clusters`; additive constraints, no schema version change; written
-only by those commands, never by a prompt re-ingest; see `atlas.storage.motifs` and `atlas.storage.clusters`):
+only by those commands, never by a prompt re-ingest; see `atlas.storage.motifs` and `atlas.storage.clusters`). Each
+dictionary has its own: `transcoder` is its id, and a command mines / clusters / replaces one dictionary's prompts and
+nodes only:
 
-    (:Motif {key, kind, nodes, source, end, support, total_strength, mean_strength})-[:HAS {pos}]->(:Feature | :Token)
+    (:Motif {key, transcoder, kind, nodes, source, end, support, total_strength, mean_strength})
+        -[:HAS {pos}]->(:Feature | :Token)
     (:Motif)-[:SEEN_IN {strength, n_paths, ingested_at}]->(:Prompt {motifs_at})
-    (:Cluster {key, index, size, cohesion, features, motifs})-[:CONTAINS]->(:Prompt)
+    (:MotifRun {name: "motifs/<transcoder>", transcoder, min_strength, max_features, n_prompts})
+    (:Cluster {key: "<transcoder>/cluster-<index>", transcoder, index, size, cohesion, features, motifs})
+        -[:CONTAINS]->(:Prompt)
     (:Cluster)-[:CHARACTERISED_BY {rank, score}]->(:Feature | :Motif)
+    (:ClusterRun {name: "clusters/<transcoder>", transcoder, eps, min_samples, n_neighbours, n_prompts, n_clusters})
 
 Diff layer (`atlas.storage.diffs`; a comparison of two dictionaries, written atomically by `atlas diff`, never by a
 prompt re-ingest; an additive constraint `atlas_diff_id`, so no schema version change):
