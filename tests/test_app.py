@@ -690,6 +690,65 @@ def test_global_circuits_page_shows_weights_motifs_and_clusters(
                                    database_=database)  # fmt: skip
 
 
+def test_global_circuits_page_shows_one_dictionary_at_a_time(
+    app_env: AtlasFixture, tiny_gpt2: LoadedModel, neo4j_driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second dictionary's prompts beside the fixture's, each mined and clustered: the page's picker shows one
+    dictionary at a time, with exactly its own motifs, mined-prompt count and clusters."""
+    from typer.testing import CliRunner
+
+    from atlas.attribution.engine import AttributionConfig, attribute
+    from atlas.storage.clusters import cluster_run
+    from atlas.storage.motifs import list_motifs, motif_run
+    from atlas.transcoders import load_transcoder
+    from atlas_cli.main import app as cli
+
+    database = app_env.connection.database
+    ours = app_env.transcoder_id
+    other = f"{ours.split('-')[0]}-{uuid.uuid4().hex[:16]}"  # the fixture's weights under a second dictionary id
+    transcoder = load_transcoder(app_env.transcoder_dir)
+    texts = [graph.text for graph in app_env.graphs.values()][:4]
+    writer = GraphWriter(neo4j_driver, database)
+    pids = [f"{other}-{i}" for i in range(len(texts))]
+    for pid, text in zip(pids, texts, strict=True):
+        nodes, edges = attribute(
+            tiny_gpt2, transcoder, text, config=AttributionConfig(), transcoder_id=other
+        ).to_tables(pid)
+        writer.write_prompts([({"id": pid, "text": text, "model": app_env.model_name, "transcoder": other}, nodes,
+                               edges)])  # fmt: skip
+    try:
+        monkeypatch.setenv("NEO4J_URI", app_env.connection.uri)  # the CLI's variable; the app reads ATLAS_NEO4J_URI
+        for dictionary in (other, ours):
+            for args in (["motifs", "mine", "--min-strength", "0.0001"], ["clusters", "build"]):
+                result = CliRunner().invoke(cli, ["global", *args, "--dictionary", dictionary])
+                assert result.exit_code == 0, result.output
+        monkeypatch.delenv("NEO4J_URI")
+        at = app_test("views/global_circuits.py")
+        assert not errors(at), errors(at)
+        picker = next(b for b in at.selectbox if b.label.startswith("Dictionary"))
+        assert {ours, other} <= set(picker.options)
+        for dictionary in (other, ours):
+            next(b for b in at.selectbox if b.label.startswith("Dictionary")).set_value(dictionary).run()
+            assert not errors(at), errors(at)
+            run, crun = motif_run(neo4j_driver, database, dictionary), cluster_run(neo4j_driver, database, dictionary)
+            assert run is not None and crun is not None
+            captions = [c.value for c in at.caption]
+            assert f"{dictionary}: {run['n_prompts']} prompts mined" in " ".join(captions), captions
+            assert f"{dictionary}: {crun['n_clusters']} clusters of {crun['n_prompts']} prompts" in " ".join(captions)
+            corpus = list_motifs(neo4j_driver, database, dictionary, kind="logit", order="support", limit=50)
+            shown = [list(f["support"]) for f in frames(at, "path", "support", "mean strength")]
+            assert shown == ([[r["support"] for r in corpus]] if corpus else []), (dictionary, shown)
+        assert motif_run(neo4j_driver, database, other)["n_prompts"] == len(texts)  # type: ignore[index]
+    finally:
+        for pid in pids:
+            writer.delete_prompt(pid)
+        neo4j_driver.execute_query(
+            "MATCH (n) WHERE n:Motif OR n:MotifRun OR n:Cluster OR n:ClusterRun OR (n:Feature AND n.transcoder = $t) "
+            "OR (n:Transcoder AND n.id = $t) DETACH DELETE n",
+            t=other, database_=database,
+        )  # fmt: skip
+
+
 def pd_isna(value: object) -> bool:
     import pandas as pd
 
