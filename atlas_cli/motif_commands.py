@@ -132,6 +132,8 @@ def motifs(
                                              database_=database).records  # fmt: skip
                 if not found[0]["n"]:
                     raise store.MotifStoreError(f"no feature {feature!r} in the store (keys look like 'clt-…/3/17')")
+                if not feature.startswith(f"{tc}/"):
+                    raise store.MotifStoreError(f"feature {feature!r} is not of dictionary {tc}; pass its --dictionary")
             if alternatives:
                 _print_alternatives(driver, database, tc, kind, min_support, top)
                 return

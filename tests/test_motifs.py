@@ -396,6 +396,10 @@ def test_two_dictionaries_in_one_store_are_mined_and_clustered_apart(
         listed = runner.invoke(app, ["global", "motifs", "list", "--dictionary", tc2, "--top", "100"])
         assert listed.exit_code == 0 and tc2 in listed.output and f"motifs of {tc2}" in listed.output
         assert str(tc) not in listed.output, "a listing shows one dictionary's motifs"
+        other = runner.invoke(
+            app, ["global", "motifs", "list", "--dictionary", tc2, "--feature", f"{tc}/{HOP1[0]}/{HOP1[1]}"]
+        )
+        assert other.exit_code == 2 and f"is not of dictionary {tc2}" in other.output, other.output
 
         # incremental update of one dictionary after its prompts change: the other's stays as it was
         planted_before = _state(neo4j_driver, database, tc)
