@@ -101,6 +101,12 @@ def weights(
     )
 
 
+def _number(value: float | None) -> str:
+    """Four significant digits; blank for a missing value, and no "-0" (a pair that never co-activated has TWERA 0
+    with V's sign)."""
+    return "" if value is None else f"{value + 0.0:.4g}"
+
+
 @global_app.command("show")
 def show(
     source: Annotated[str, typer.Option("--transcoders", help=TRANSCODERS_HELP)],
@@ -132,9 +138,8 @@ def show(
         partner = (
             f"{row['partner_layer']}/{row['partner']}" if row["partner_layer"] is not None else str(row["partner"])
         )
-        twera = "" if row["twera"] is None else f"{row['twera']:.4g}"
-        era = "" if row["era"] is None else f"{row['era']:.4g}"
-        table.add_row(row["relation"], str(row["rank"]), partner, f"{row['v']:.4g}", twera, era)
+        twera, era = (_number(row[name]) for name in ("twera", "era"))
+        table.add_row(row["relation"], str(row["rank"]), partner, _number(row["v"]), twera, era)
     Console().print(table)
 
 
