@@ -19,7 +19,7 @@ import torch
 from atlas.models import LoadedModel, load_model
 from atlas.training.activations import ActivationStream, StreamConfig
 from atlas.training.corpus import CorpusError
-from atlas.training.objectives import least_squares_affine
+from atlas.training.objectives import least_squares_affine, massive_output_limits, ordinary_token_mask
 from atlas.training.recipes import recipe_config
 from atlas.training.trainer import TrainConfig, Trainer, TrainingError
 from atlas.transcoders import check_compatible, load_transcoder
@@ -94,10 +94,13 @@ def _final_state(directory: Path) -> dict[str, torch.Tensor]:
     return load_transcoder(directory).state_dict()
 
 
+@pytest.mark.parametrize("outlier_factor", [None, 1.0])
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(
-    tiny_llama: LoadedModel, jsonl_corpus: Path, tmp_path: Path
+    tiny_llama: LoadedModel, jsonl_corpus: Path, tmp_path: Path, outlier_factor: float | None
 ) -> None:
-    config = small_config(jsonl_corpus, steps=30)
+    """Also with outlier_factor 1.0, which leaves out every batch's tokens above the set-up's 99th-percentile output
+    norms: the resumed run must restore those limits, not measure new ones."""
+    config = small_config(jsonl_corpus, steps=30, outlier_factor=outlier_factor)
     straight = Trainer(tiny_llama, config, tmp_path / "straight").run()
     with pytest.raises(StopAt):
         Trainer(tiny_llama, config, tmp_path / "resumed").run(on_progress=stop_at(25))
@@ -239,6 +242,46 @@ def test_least_squares_affine_recovers_a_planted_map() -> None:
     assert_close_at_scale(fitted_bias, bias, rel=1e-3, what="bias")
 
 
+def test_massive_output_limits_leave_out_sinks_and_keep_frequent_large_tokens() -> None:
+    """Toy outputs `(2 layers, 1000 tokens, 8)` with norm about 1: 30 tokens (3 %) at 40× in layer 0, like a frequent
+    token with a large output, and 2 attention-sink tokens at 900× in layer 1. With factor 10 only the sinks fall
+    outside the limits, and they are left out at every layer."""
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randn(2, 1000, 8, generator=generator) / 8**0.5
+    frequent, sinks = torch.arange(100, 130), torch.tensor([7, 512])
+    targets[0, frequent] *= 40.0
+    targets[1, sinks] = 900.0 / 8**0.5
+    limits = massive_output_limits(targets, 10.0)
+    assert limits.shape == (2,)
+    keep = ordinary_token_mask(targets, limits)
+    assert keep.shape == (1000,) and keep.sum() == 998
+    assert not keep[sinks].any() and keep[frequent].all()
+    assert ordinary_token_mask(targets, massive_output_limits(targets, 1e6)).all()
+
+
+def test_outlier_tokens_are_left_out_of_the_skip_fit(tiny_llama: LoadedModel, jsonl_corpus: Path) -> None:
+    """Set-up of the least-squares skip on batches with a planted linear MLP plus three sink tokens whose outputs
+    are 500× the rest: with outlier_factor the fit recovers the planted map, without it the sinks bend it."""
+    generator = torch.Generator().manual_seed(1)
+    n_layers, d = tiny_llama.info.n_layers, tiny_llama.info.d_model
+    weight = torch.randn(n_layers, d, d, generator=generator) / d**0.5
+    inputs = torch.randn(n_layers, 512, d, generator=generator)
+    targets = inputs @ weight.transpose(1, 2)
+    targets[:, [3, 200, 401]] = 500.0 * torch.randn(n_layers, 3, d, generator=generator)
+    batches = [(inputs[:, i : i + 64], targets[:, i : i + 64]) for i in range(0, 512, 64)]
+    common = {"kind": "plt", "skip": True, "skip_init": "least_squares", "init_tokens": 512}
+
+    def skip_error(**overrides: object) -> float:
+        trainer = Trainer(tiny_llama, small_config(jsonl_corpus, **common, **overrides), "unused")
+        state = trainer._fresh_state(batches)
+        assert state.transcoder.W_skip is not None
+        # the skip acts on normalised units: back to raw units for the comparison
+        raw = state.transcoder.W_skip.detach() * (state.input_scale / state.output_scale).view(-1, 1, 1)
+        return float((raw - weight).norm() / weight.norm())
+
+    assert skip_error(outlier_factor=10.0) < 0.05 < 0.5 < skip_error()
+
+
 def test_stream_passes_reuse_each_chunk_in_fresh_orders(tiny_llama: LoadedModel, jsonl_corpus: Path) -> None:
     """With passes=2 a chunk's tokens are served twice, each pass a permutation of the chunk; pass 1 of the first
     chunk is exactly what passes=1 serves, and resuming mid-pass yields the uninterrupted batches."""
@@ -321,6 +364,9 @@ def test_recipes_and_bad_training_settings() -> None:
         StreamConfig(passes=0)
     with pytest.raises(ValueError, match="skip_lr_scale must be at least 0"):
         TrainConfig(skip_lr_scale=-1.0)
+    with pytest.raises(ValueError, match="outlier_factor must be at least 1"):
+        TrainConfig(outlier_factor=0.5)
+    assert recipe_config("cpu", steps=10).outlier_factor == 10.0
 
 
 def test_init_from_a_saved_dictionary_starts_where_it_left_off(

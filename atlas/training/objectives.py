@@ -85,6 +85,21 @@ def least_squares_affine(
     return solution[:, :d_in].transpose(1, 2).float(), solution[:, d_in].float()
 
 
+def massive_output_limits(targets: torch.Tensor, factor: float) -> torch.Tensor:
+    """Per-layer norm limits `(n_layers,)`: `factor` times the 99th percentile of the per-token MLP output norms of
+    `targets (n_layers, n_tokens, d)`. Tokens above a limit carry "massive activations" (attention sinks: in
+    SmolLM2 the first token after BOS, whose layer-11 MLP output is ~900× the median norm); a quantile keeps frequent
+    large-but-ordinary tokens (SmolLM2's ' the' at layer 2, ~40× the median) inside the limit."""
+    norms = targets.float().norm(dim=-1)
+    return factor * norms.quantile(0.99, dim=1)
+
+
+def ordinary_token_mask(targets: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """`(n_tokens,)` True where the MLP output norm of `targets (n_layers, n_tokens, d)` is within `limits
+    (n_layers,)` at every layer."""
+    return (targets.float().norm(dim=-1) <= limits.to(targets.device).view(-1, 1)).all(dim=0)
+
+
 def normalisation_scales(activations: torch.Tensor) -> torch.Tensor:
     """Per-layer scalars `s[l]` with `E‖s[l]·x‖₂ = √d`: `(n_layers, n_tokens, d)` → `(n_layers,)`."""
     d = activations.shape[-1]

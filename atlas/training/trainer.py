@@ -82,6 +82,9 @@ class TrainConfig:
     encoder_init: str = "random"  # "decoder": each encoder row starts as its feature's (own-layer) decoder row
     skip_lr_scale: float = 1.0  # the skip's learning rate relative to the rest (Adam moves all its d² entries)
     init_tokens: int = 8192  # tokens the least-squares skip fit reads at set-up (they are trained on too)
+    # Leave out of training (and of the skip fit) tokens whose MLP output norm at some layer exceeds this many
+    # times that layer's 99th-percentile norm at set-up: attention sinks with massive activations. None: keep all.
+    outlier_factor: float | None = None
     cpu_budget_s: float | None = None  # stop after this much process CPU time; schedules follow its fraction
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -105,6 +108,7 @@ class TrainConfig:
                 "log_every": (self.log_every, 1),
                 "init_tokens": (self.init_tokens, 1),
                 "skip_lr_scale": (self.skip_lr_scale, 0.0),
+                "outlier_factor": (self.outlier_factor, 1.0),
                 "cpu_budget_s": (self.cpu_budget_s, 1.0),
             },
         )
@@ -159,9 +163,22 @@ class _State:
     output_scale: torch.Tensor
     tokens_since_fired: torch.Tensor
     cpu_seconds: float = 0.0  # process CPU time spent training so far (kept across resumes)
+    output_limits: torch.Tensor | None = None  # (n_layers,) norms above which a token is left out (outlier_factor)
 
 
 ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+def _ordinary_tokens(
+    batch: tuple[torch.Tensor, torch.Tensor], limits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch `(inputs, targets)`, each `(n_layers, n_tokens, d)`, without its tokens above `limits` (all of it
+    in the unlikely case that every token is above: a step is never taken on an empty batch)."""
+    inputs, targets = batch
+    keep = obj.ordinary_token_mask(targets, limits)
+    if not keep.any():
+        return batch
+    return inputs[:, keep], targets[:, keep]
 
 
 class Trainer:
@@ -218,6 +235,7 @@ class Trainer:
                 "output_scale": state.output_scale,
                 "tokens_since_fired": state.tokens_since_fired,
                 "cpu_seconds": state.cpu_seconds,
+                "output_limits": state.output_limits,
             },
             tmp,
         )
@@ -249,6 +267,7 @@ class Trainer:
             output_scale=data["output_scale"],
             tokens_since_fired=data["tokens_since_fired"],
             cpu_seconds=float(data.get("cpu_seconds", 0.0)),
+            output_limits=data.get("output_limits"),
         )
 
     # --- set-up -------------------------------------------------------------------------------------------
@@ -279,6 +298,10 @@ class Trainer:
         cfg = self.config
         torch.manual_seed(cfg.stream.seed)
         transcoder = self._new_transcoder()
+        limits = None
+        if cfg.outlier_factor is not None:
+            limits = obj.massive_output_limits(torch.cat([batch[1] for batch in initial], dim=1), cfg.outlier_factor)
+            initial = [_ordinary_tokens(batch, limits) for batch in initial]
         inputs, targets = initial[0]
         input_scale = obj.normalisation_scales(inputs)
         output_scale = obj.normalisation_scales(targets)
@@ -288,7 +311,7 @@ class Trainer:
             # saved dictionary compute the same pre-activations and outputs on them.
             transcoder.load_state_dict(self.init_from.state_dict())
             transcoder.fold_normalisation(1 / input_scale, 1 / output_scale)
-            return self._state_from(transcoder, input_scale, output_scale)
+            return self._state_from(transcoder, input_scale, output_scale, limits)
         with torch.no_grad():
             if cfg.skip_init == "least_squares" and transcoder.W_skip is not None:
                 all_inputs = torch.cat([batch[0] for batch in initial], dim=1) * input_scale.view(-1, 1, 1)
@@ -304,9 +327,15 @@ class Trainer:
             normalised = inputs * input_scale.view(-1, 1, 1)
             pre = torch.bmm(normalised, transcoder.W_enc.transpose(1, 2))
             transcoder.b_enc.copy_(obj.encoder_bias_for_firing_rate(pre, self.config.initial_threshold, rate))
-        return self._state_from(transcoder, input_scale, output_scale)
+        return self._state_from(transcoder, input_scale, output_scale, limits)
 
-    def _state_from(self, transcoder: EncoderStack, input_scale: torch.Tensor, output_scale: torch.Tensor) -> _State:
+    def _state_from(
+        self,
+        transcoder: EncoderStack,
+        input_scale: torch.Tensor,
+        output_scale: torch.Tensor,
+        output_limits: torch.Tensor | None,
+    ) -> _State:
         return _State(
             step=0,
             transcoder=transcoder,
@@ -314,6 +343,7 @@ class Trainer:
             input_scale=input_scale,
             output_scale=output_scale,
             tokens_since_fired=torch.zeros(self.spec.n_layers, self.spec.n_features, dtype=torch.long),
+            output_limits=output_limits,
         )
 
     # --- the run ------------------------------------------------------------------------------------------
@@ -392,6 +422,8 @@ class Trainer:
                 inputs, targets = next(batches)
                 if not (torch.isfinite(inputs).all() and torch.isfinite(targets).all()):
                     raise TrainingError(f"the model produced non-finite activations at step {state.step}")
+                if state.output_limits is not None:
+                    inputs, targets = _ordinary_tokens((inputs, targets), state.output_limits)
                 step = self._schedule_step(state)
                 lam = obj.sparsity_lambda_at(step, cfg.steps, cfg.sparsity_lambda)
                 for group in state.optimizer.param_groups:
