@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from atlas.config import DEFAULT_MODEL
+from atlas.config import DEFAULT_MODEL, TRAINING_RECIPE_NAMES
 from atlas_cli.common import TRANSCODERS_HELP, console, fail, transcoder_directory, unit_fraction, user_errors
 from atlas_cli.core import measure_card, print_card, print_metrics, run_training
 
@@ -97,10 +97,33 @@ def ingest(
         fail(err)
 
 
+def demo_training_config(recipe: str | None, steps: int, features: int, cpu_minutes: float | None) -> Any:
+    """The demo's training settings: its small CLT (`features`, `steps`), or the named recipe for `steps` or for
+    `cpu_minutes` of CPU time."""
+    from atlas.training.activations import StreamConfig
+    from atlas.training.recipes import recipe_config
+    from atlas.training.trainer import TrainConfig
+
+    if recipe is None:
+        if cpu_minutes is not None:
+            raise typer.BadParameter("--cpu-minutes needs --recipe (the demo CLT trains for --steps)")
+        return TrainConfig(kind="clt", n_features=features, steps=steps, checkpoint_every=25, log_every=5,
+                           stream=StreamConfig(chunk_sequences=32))  # fmt: skip
+    length = {"steps": steps} if cpu_minutes is None else {"cpu_budget_s": cpu_minutes * 60}
+    return recipe_config(recipe, checkpoint_every=25, log_every=5, **length)
+
+
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo run goes.")] = Path("runs/demo"),
     steps: Annotated[int, typer.Option(min=1, help="Training steps of the demo CLT.")] = 100,
     features: Annotated[int, typer.Option(min=1, help="Features per layer of the demo CLT.")] = 64,
+    recipe: Annotated[
+        str | None,
+        typer.Option(help="Train a named recipe (" + " | ".join(TRAINING_RECIPE_NAMES) + ") instead of the demo CLT."),
+    ] = None,
+    cpu_minutes: Annotated[
+        float | None, typer.Option(min=0.1, help="With --recipe: train for this much CPU time (core-minutes).")
+    ] = None,
     prompts: Annotated[
         int, typer.Option(min=0, help="Demo-corpus prompts to ingest (spread over the tasks; 0: all).")
     ] = 24,
@@ -114,8 +137,7 @@ def demo(
 ) -> None:
     """Train (or reuse) a small CLT on the default model, ingest the demo corpus (and the state-capital set that the
     Dallas query needs), print where to explore it."""
-    from atlas.training.activations import StreamConfig
-    from atlas.training.trainer import TRANSCODER_DIR, TrainConfig
+    from atlas.training.trainer import TRANSCODER_DIR
     from ingest.demo_corpus import demo_subset, state_capital_prompts, state_capitals_path
     from ingest.pipeline import IngestOptions
     from ingest.settings import TARGET_ANSWER, AttributionSettings
@@ -125,14 +147,7 @@ def demo(
         if (transcoder_dir / "config.yaml").is_file():
             console.print(f"reusing the transcoders in {transcoder_dir} (delete them to train again)")
         else:
-            config = TrainConfig(
-                kind="clt",
-                n_features=features,
-                steps=steps,
-                checkpoint_every=25,
-                log_every=5,
-                stream=StreamConfig(chunk_sequences=32),
-            )
+            config = demo_training_config(recipe, steps, features, cpu_minutes)
             result = run_training(out=out, model=DEFAULT_MODEL, config=config, fresh=False)
             print_metrics(result.final_metrics)
             transcoder_dir = result.transcoder_dir

@@ -384,3 +384,25 @@ def test_init_from_a_saved_dictionary_starts_where_it_left_off(
         assert_close_at_scale(start.state_dict()[name], value, rel=FLOAT32_CHAIN, what=name)
     with pytest.raises(TrainingError, match="cannot initialise"):
         Trainer(tiny_llama, small_config(jsonl_corpus, n_features=8), tmp_path / "x", init_from=saved)
+
+
+def test_demo_trains_its_clt_or_a_named_recipe(tmp_path: Path) -> None:
+    """`atlas demo` trains its small CLT by default, a named recipe for --steps or --cpu-minutes with --recipe;
+    an unknown recipe, or --cpu-minutes without one, is one clear line and nothing is created."""
+    from typer.testing import CliRunner
+
+    from atlas_cli.ingest_commands import demo_training_config
+    from atlas_cli.main import app
+
+    default = demo_training_config(None, 100, 64, None)
+    assert (default.kind, default.n_features, default.steps, default.cpu_budget_s) == ("clt", 64, 100, None)
+    cpu = demo_training_config("cpu", 100, 64, 20.0)
+    assert cpu.kind == "plt" and cpu.skip and cpu.outlier_factor == 10.0 and cpu.cpu_budget_s == 1200.0
+    assert demo_training_config("cpu", 40, 64, None).steps == 40
+    runner = CliRunner()
+    out = tmp_path / "demo"
+    unknown = runner.invoke(app, ["demo", "--recipe", "fast", "--out", str(out)])
+    assert unknown.exit_code != 0 and "unknown recipe 'fast'" in unknown.output
+    alone = runner.invoke(app, ["demo", "--cpu-minutes", "3", "--out", str(out)])
+    assert alone.exit_code != 0 and "--cpu-minutes needs --recipe" in " ".join(alone.output.split())
+    assert not out.exists()
