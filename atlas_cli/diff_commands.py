@@ -4,11 +4,17 @@ result (a `(:Diff)` node and `ALIGNS_WITH` relationships in Neo4j, rows in `diff
 statistics).
 
     atlas diff plt-1234... plt-abcd... --prompts prompts.txt --reference plt-5678...
+    atlas diff A B --transfer 12/3 --transfer 20/7 --transfer-target ' Rome'    # behavioural equivalence too
 
 A and B are transcoder ids in the store, or dictionary directories (their id is computed from the weights). Each
 side's dictionary is loaded from `--transcoders-a/-b`, else from the first existing directory the store recorded for
 it; its model from `--model-a/-b`, else the model the store recorded. Bad input (unknown identity, different
 tokenizers or widths, no shared prompt) is one red line, exit 2, nothing written.
+
+With `--transfer`, the named features of A (LAYER/FEATURE or A's full keys) are zero-ablated in A and their aligned
+one-to-one partners in B on every shared prompt (`atlas.diff.behaviour`), and the per-prompt effects on
+`--transfer-target` and their agreement are printed; the transfer runs before anything is written, so a circuit that
+cannot be transferred leaves the stores untouched.
 """
 
 from __future__ import annotations
@@ -91,6 +97,13 @@ def diff(
     match_score: Annotated[float, typer.Option(min=0.0, max=1.0, help="Score for an aligned pair.")] = 0.7,
     top: Annotated[int, typer.Option(min=0, max=1000, help="Changes listed for the most changed prompt.")] = 10,
     store: Annotated[bool, typer.Option(help="Write the result (Neo4j + DuckDB).")] = True,
+    transfer: Annotated[
+        list[str] | None,
+        typer.Option(help="Transfer: ablate this A feature (LAYER/FEATURE) in A, its partner in B; repeatable."),
+    ] = None,
+    transfer_target: Annotated[
+        str | None, typer.Option(help="Transfer: the target logit token (one token), e.g. ' Rome'.")
+    ] = None,
 ) -> None:
     """Align two dictionaries and diff their attribution graphs on the prompts stored under both."""
     from atlas.config import stats_db_path
@@ -98,8 +111,11 @@ def diff(
     from atlas.diff.run import diff_stored, shared_prompts, to_record
     from atlas.storage.diffs import DiffStore
 
+    if bool(transfer) != (transfer_target is not None):
+        fail(ValueError("--transfer and --transfer-target go together: name the A features to ablate and the target"))
     driver, database = store_driver()
     started = time.perf_counter()
+    transferred = None
     try:
         with driver:
             texts = None if prompts is None else _read_prompts(prompts)
@@ -117,6 +133,8 @@ def diff(
                 progress=lambda phase, i, n: console.print(f"{phase}: {i}/{n} prompt(s)") if i == n or i % 25 == 0
                 else None,
             )  # fmt: skip
+            if transfer and transfer_target is not None:
+                transferred = _transfer(side_a, side_b, result, transfer, transfer_target)
             record = to_record(result)
             created = None
             if store:
@@ -124,10 +142,41 @@ def diff(
     except user_errors() as err:
         fail(err)
     show(result, top)
+    if transferred is not None:
+        show_transfer(transferred)
     console.print(f"done in {time.perf_counter() - started:.1f}s (phases: "
                   + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()) + ")")  # fmt: skip
     if created is not None:
         console.print(f"stored as {record.id} ({created} ALIGNS_WITH relationship(s) between stored features)")
+
+
+def _transfer(side_a: Any, side_b: Any, result: Any, refs: list[str], target: str) -> Any:
+    """Zero-ablate `refs` (A's features) in A and their aligned partners in B on every shared prompt."""
+    from atlas.diff.behaviour import transfer_ablation
+    from atlas.validation.validate import Circuit, TargetSpec
+
+    circuit = Circuit.of(refs, side_a.transcoder, transcoder_id=side_a.transcoder_id).features
+    console.print(f"transfer: zero-ablating {len(circuit)} feature(s) on {len(result.shared)} prompt(s) in A and B")
+    return transfer_ablation(side_a.model, side_a.transcoder, side_b.model, side_b.transcoder, circuit,
+                             result.alignment.one_to_one(), [text for text, _, _ in result.shared],
+                             TargetSpec.token(target))  # fmt: skip
+
+
+def show_transfer(report: Any) -> None:
+    """The per-prompt effects of a transferred ablation and their agreement."""
+    out = Console()
+
+    def name(features: tuple[tuple[int, int], ...]) -> str:
+        return ", ".join(f"{layer}/{feature}" for layer, feature in features) or "—"
+
+    table = Table("prompt", "effect in A", "effect in B", "agree",
+                  title=f"transfer: ablate {name(report.circuit_a)} in A, {name(report.circuit_b)} in B")  # fmt: skip
+    for p in report.prompts:
+        table.add_row(p.prompt[:48], f"{p.effect_a:+.3f}", f"{p.effect_b:+.3f}", "yes" if p.agree else "no")
+    out.print(table)
+    unmapped = f"; without an aligned partner (not ablated in B): {name(report.unmapped)}" if report.unmapped else ""
+    out.print(f"transfer agreement: {report.agreement:.0%} of {len(report.prompts)} prompt(s) (effect = share of the"
+              f" clean target removed){unmapped}")  # fmt: skip
 
 
 def show(result: Any, top: int) -> None:

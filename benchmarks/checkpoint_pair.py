@@ -6,8 +6,8 @@ each, and diff.
         [--finetune-steps 300] [--features 64] [--train-steps 200] [--workers 1]
 
 Steps (each a plain `atlas` command or a few lines here, printed as it runs):
-1. the model (`--model`, any name `atlas` loads: tiny-gpt2, smollm2, a directory) is saved as a local Hugging Face
-   directory `OUT/base` (so both checkpoints are loaded the same way, by weights identity `hf-...`);
+1. the model (`--model`, any name `atlas` loads: tiny-gpt2, smollm2-135m-instruct, a directory) is saved as a local
+   Hugging Face directory `OUT/base` (so both checkpoints are loaded the same way, by weights identity `hf-...`);
 2. a copy is fine-tuned (Adam, `--finetune-steps`) so that the fact prompts end in `--target` while the unrelated
    prompts keep their next-token distribution (a KL term against the base model), and saved as `OUT/finetuned`;
 3. `atlas train` trains a PLT for base with seeds 0 and 1, and one for the fine-tune initialised from base seed 0's
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -53,7 +54,8 @@ OTHERS = [
 def run(*args: str) -> str:
     print("$", " ".join(args), flush=True)
     started = time.perf_counter()
-    done = subprocess.run(args, capture_output=True, text=True)
+    # rich sizes its tables to the terminal; a pipe has none, so give it room for the per-prompt table
+    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     print(done.stdout[-6000:], done.stderr[-1500:], f"({time.perf_counter() - started:.0f}s)", sep="\n", flush=True)
     if done.returncode:
         raise SystemExit(f"{args[1]} failed with status {done.returncode}")
@@ -127,13 +129,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/checkpoint-pair"))
     parser.add_argument("--model", default="tiny-gpt2")
-    parser.add_argument("--target", default="R", help="The fine-tune's new answer to the fact prompts (one token).")
+    parser.add_argument("--target", default=None,
+                        help="The fine-tune's new answer to the fact prompts, one token (default: 'R' for a tiny"
+                             " model's character tokenizer, ' Rome' otherwise)")  # fmt: skip
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--workers", default="1")
     args = parser.parse_args()
+    from atlas.models.dimensions import TINY_MODELS
+
+    tiny = args.model in TINY_MODELS
+    if args.target is None:
+        args.target = "R" if tiny else " Rome"
+    if not tiny:
+        # a subword tokenizer keeps a trailing space as a token of its own; the prompts end at the word instead
+        FACTS[:] = [text.rstrip() for text in FACTS]
+        OTHERS[:] = [text.rstrip() for text in OTHERS]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     atlas = str(Path(sys.executable).with_name("atlas"))

@@ -21,6 +21,7 @@ reconstruction error is zero up to rounding.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -66,6 +67,13 @@ def _neurons(rewired: bool = False) -> list[list[tuple[torch.Tensor, float, torc
 def planted_model(*, rewired: bool = False, order: Sequence[Sequence[int]] | None = None) -> LoadedModel:
     """The planted model; `rewired`: model B of the diff tests (see `_neurons`); `order[layer][f]`: the MLP slot of
     neuron f (a permutation of `range(D_MLP)`), so a transcoder of the model numbers its features differently."""
+    hf, tokenizer = planted_hf_model(rewired=rewired, order=order)
+    bridge = _boot_bridge("planted-two-hop", hf, tokenizer, "cpu")
+    return LoadedModel(bridge, tokenizer, _model_info("planted-two-hop", "tiny", hf, int(tokenizer.bos_token_id)), 0.0)
+
+
+def planted_hf_model(*, rewired: bool = False, order: Sequence[Sequence[int]] | None = None) -> tuple[Any, Any]:
+    """The planted model as a Hugging Face GPT-2 and its tokenizer (what `save_pretrained` can write)."""
     tokenizer = tiny_tokenizer()
     vocab = len(tokenizer)
     config = GPT2Config(
@@ -104,9 +112,7 @@ def planted_model(*, rewired: bool = False, order: Sequence[Sequence[int]] | Non
         unembed[:, 8:] = 0.05 * torch.randn(vocab, D_MODEL - 8, generator=generator)
         unembed[b_id] = _pair(6, 7)
         hf.lm_head.weight[:] = unembed
-    hf.eval()
-    bridge = _boot_bridge("planted-two-hop", hf, tokenizer, "cpu")
-    return LoadedModel(bridge, tokenizer, _model_info("planted-two-hop", "tiny", hf, int(tokenizer.bos_token_id)), 0.0)
+    return hf.eval(), tokenizer
 
 
 def planted_transcoder(model: LoadedModel) -> PerLayerTranscoder:

@@ -18,7 +18,7 @@ import duckdb
 import pytest
 import torch
 from neo4j import Driver
-from planted_model import D_MLP, planted_model, planted_transcoder
+from planted_model import D_MLP, planted_hf_model, planted_model, planted_transcoder
 
 from atlas.attribution.engine import attribute
 from atlas.attribution.export import prune_graph
@@ -31,6 +31,7 @@ from atlas.storage.neo4j_writer import GraphWriter
 from atlas.storage.queries import AtlasQueries
 from atlas.transcoders.activations import ActivationConfig
 from atlas.transcoders.base import TranscoderSpec
+from atlas.transcoders.io import save_transcoder
 from atlas.transcoders.per_layer import PerLayerTranscoder
 
 pytestmark = pytest.mark.usefixtures("neo4j_driver")
@@ -265,6 +266,54 @@ def test_bad_inputs_are_refused_and_nothing_is_written(neo4j_driver: Driver, wor
     assert _nothing_written(neo4j_driver, world, duck)
 
 
+def _cli_env(c: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("NEO4J_URI", c.uri), ("NEO4J_USER", c.user), ("NEO4J_PASSWORD", c.password),  # type: ignore[attr-defined]
+                        ("NEO4J_DATABASE", c.database), ("ATLAS_STATS_DB", str(tmp_path / "stats.duckdb"))):  # type: ignore[attr-defined]  # fmt: skip
+        monkeypatch.setenv(name, value)
+
+
+def _save_side(side: Side, directory: Path, *, rewired: bool) -> tuple[Path, Path]:
+    """The side's model (rebuilt: a booted bridge cannot be saved) as a Hugging Face directory and its dictionary
+    in circuit-tracer's format."""
+    model_dir, dict_dir = directory / "model", directory / "transcoders"
+    hf, tokenizer = planted_hf_model(rewired=rewired, order=ORDER if rewired else None)
+    hf.save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    save_transcoder(side.transcoder, dict_dir, model_name=str(model_dir))
+    return model_dir, dict_dir
+
+
+def test_cli_transfers_an_ablation_where_the_circuit_is_shared_and_not_where_it_was_rewired(
+    neo4j_driver: Driver, neo4j_connection: object, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from atlas_cli.main import app
+
+    _cli_env(neo4j_connection, tmp_path, monkeypatch)
+    (model_a, dict_a), (model_b, dict_b) = (
+        _save_side(world.a, tmp_path / "a", rewired=False),
+        _save_side(world.b, tmp_path / "b", rewired=True),
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"{text}\n" for text in WITH_A))
+    base = ["diff", world.a.transcoder_id, world.b.transcoder_id, "--prompts", str(prompts), "--model-a",
+            str(model_a), "--model-b", str(model_b), "--transcoders-a", str(dict_a), "--transcoders-b", str(dict_b),
+            "--transfer-target", "B", "--no-store"]  # fmt: skip
+    hop2 = CliRunner().invoke(app, [*base, "--transfer", "1/0"])
+    assert hop2.exit_code == 0, hop2.output
+    text = " ".join(hop2.output.split())
+    # hop 2 is A's feature 1/0 and B's 1/2 (the permutation); ablating it removes the target on both sides
+    assert "ablate 1/0 in A, 1/2 in B" in text and "transfer agreement: 100% of 3 prompt(s)" in text
+    hop1 = CliRunner().invoke(app, [*base, "--transfer", "0/0"])
+    assert hop1.exit_code == 0, hop1.output
+    assert "transfer agreement: 0% of 3 prompt(s)" in " ".join(hop1.output.split())
+    # a feature without an aligned partner: one red line, and --no-store aside, nothing was written either way
+    stray = CliRunner().invoke(app, [*base[:-1], "--store", "--transfer", "0/4"])
+    assert stray.exit_code == 2 and "no feature of the circuit" in " ".join(stray.output.split())
+    assert _nothing_written(neo4j_driver, world, tmp_path / "diffs.duckdb")
+
+
 def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(
     neo4j_driver: Driver, neo4j_connection: object, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,11 +321,10 @@ def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(
 
     from atlas_cli.main import app
 
-    c = neo4j_connection
-    for name, value in (("NEO4J_URI", c.uri), ("NEO4J_USER", c.user), ("NEO4J_PASSWORD", c.password),  # type: ignore[attr-defined]
-                        ("NEO4J_DATABASE", c.database), ("ATLAS_STATS_DB", str(tmp_path / "stats.duckdb"))):  # type: ignore[attr-defined]  # fmt: skip
-        monkeypatch.setenv(name, value)
+    _cli_env(neo4j_connection, tmp_path, monkeypatch)
     runner = CliRunner()
+    lone = runner.invoke(app, ["diff", world.a.transcoder_id, world.b.transcoder_id, "--transfer", "1/0"])
+    assert lone.exit_code == 2 and "--transfer-target" in " ".join(lone.output.split())
     unknown = runner.invoke(app, ["diff", world.a.transcoder_id, "plt-0123456789abcdef"])
     assert unknown.exit_code == 2 and "'plt-0123456789abcdef' is not in the store" in " ".join(unknown.output.split())
     prompts = tmp_path / "prompts.txt"
