@@ -4,6 +4,7 @@ result (a `(:Diff)` node and `ALIGNS_WITH` relationships in Neo4j, rows in `diff
 statistics).
 
     atlas diff plt-1234... plt-abcd... --prompts prompts.txt --reference plt-5678...
+    atlas diff A B --prompts tasks.jsonl    # a JSONL `task` field groups the prompts (distributional classification)
     atlas diff A B --transfer 12/3 --transfer 20/7 --transfer-target ' Rome'    # behavioural equivalence too
 
 A and B are transcoder ids in the store, or dictionary directories (their id is computed from the weights). Each
@@ -69,13 +70,14 @@ def _load_side(row: dict[str, Any], directory: Path | None, model_name: str | No
     return Side(row["id"], cache[name], load_transcoder(directory).eval())
 
 
-def _read_prompts(path: Path) -> list[str]:
+def _read_prompts(path: Path) -> tuple[list[str], dict[str, str]]:
+    """The prompt texts of a corpus file, and text → task for those that name one (the prompt groups)."""
     from ingest.prompts import read_corpus
 
     records, _issues = read_corpus(path)
     if not records:
         raise ValueError(f"{path} holds no prompt")
-    return [r.text for r in records]
+    return [r.text for r in records], {r.text: r.meta["task"] for r in records if r.meta.get("task")}
 
 
 def diff(
@@ -118,7 +120,7 @@ def diff(
     transferred = None
     try:
         with driver:
-            texts = None if prompts is None else _read_prompts(prompts)
+            texts, groups = (None, None) if prompts is None else _read_prompts(prompts)
             rows = [_stored(driver, database, _identity(x)) for x in (a, b)]
             ref_row = None if reference is None else _stored(driver, database, _identity(reference))
             shared_prompts(driver, database, rows[0]["id"], rows[1]["id"], texts)  # refuse early, before loading
@@ -131,7 +133,7 @@ def diff(
                 driver, database, side_a, side_b, texts=texts, reference=side_r, quantile=quantile,
                 min_weight=min_weight, thresholds=AlignmentThresholds(match_score=match_score),
                 progress=lambda phase, i, n: console.print(f"{phase}: {i}/{n} prompt(s)") if i == n or i % 25 == 0
-                else None,
+                else None, groups=groups,
             )  # fmt: skip
             if transfer and transfer_target is not None:
                 transferred = _transfer(side_a, side_b, result, transfer, transfer_target)
@@ -198,6 +200,9 @@ def show(result: Any, top: int) -> None:
     r2 = "—" if al.r2 is None else f"{al.r2:.3f}"
     out.print(f"classification: [bold]{al.classification}[/] ({al.matched_fraction:.1%} of A's live features aligned "
               f"one-to-one; linear-map R² {r2})")  # fmt: skip
+    if al.group_corr:
+        out.print("activation agreement by prompt group (median correlation of the aligned pairs): "
+                  + ", ".join(f"{name} {corr:.3f}" for name, corr in sorted(al.group_corr.items())))  # fmt: skip
     floor = result.floor
     table = Table(
         "prompt",

@@ -28,6 +28,7 @@ from atlas.diff.align import (
 from atlas.diff.behaviour import TransferError, effects_agree, transfer_ablation
 from atlas.diff.graph_diff import GNode, Graph, corpus_summary, diff_graphs
 from atlas.diff.noise import NoiseFloorError, bootstrap_interval, noise_floor, prompts_exceeding
+from atlas.diff.run import group_masks
 from atlas.transcoders.activations import ActivationConfig
 from atlas.transcoders.base import TranscoderSpec
 from atlas.transcoders.per_layer import PerLayerTranscoder
@@ -190,3 +191,10 @@ def test_ablation_transfers_where_the_circuit_is_shared_and_not_where_it_was_rew
 def test_effects_agree() -> None:
     assert effects_agree(0.9, 0.8) and not effects_agree(0.9, 0.5) and not effects_agree(0.9, -0.9)
     assert effects_agree(0.01, -0.02) and not effects_agree(float("nan"), 0.5)
+
+
+def test_group_masks_lay_groups_over_texts_end_to_end() -> None:
+    masks = group_masks([2, 3, 1], ["x", None, "y"])
+    assert masks["x"].tolist() == [True, True, False, False, False, False]
+    assert masks["y"].tolist() == [False, False, False, False, False, True]
+    assert set(masks) == {"x", "y"}

@@ -9,6 +9,7 @@ wrote.
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -295,8 +296,9 @@ def test_cli_transfers_an_ablation_where_the_circuit_is_shared_and_not_where_it_
         _save_side(world.a, tmp_path / "a", rewired=False),
         _save_side(world.b, tmp_path / "b", rewired=True),
     )
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("".join(f"{text}\n" for text in WITH_A))
+    prompts = tmp_path / "prompts.jsonl"  # two tasks: the prompt groups of the distributional classification
+    tasks = [{"text": text, "task": "short" if len(text) < 5 else "long"} for text in WITH_A]
+    prompts.write_text("".join(json.dumps(task) + "\n" for task in tasks))
     base = ["diff", world.a.transcoder_id, world.b.transcoder_id, "--prompts", str(prompts), "--model-a",
             str(model_a), "--model-b", str(model_b), "--transcoders-a", str(dict_a), "--transcoders-b", str(dict_b),
             "--transfer-target", "B", "--no-store"]  # fmt: skip
@@ -305,6 +307,8 @@ def test_cli_transfers_an_ablation_where_the_circuit_is_shared_and_not_where_it_
     text = " ".join(hop2.output.split())
     # hop 2 is A's feature 1/0 and B's 1/2 (the permutation); ablating it removes the target on both sides
     assert "ablate 1/0 in A, 1/2 in B" in text and "transfer agreement: 100% of 3 prompt(s)" in text
+    assert "activation agreement by prompt group (median correlation of the aligned pairs): long " in text
+    assert ", short " in text
     hop1 = CliRunner().invoke(app, [*base, "--transfer", "0/0"])
     assert hop1.exit_code == 0, hop1.output
     assert "transfer agreement: 0% of 3 prompt(s)" in " ".join(hop1.output.split())

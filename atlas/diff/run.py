@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,16 +146,34 @@ def circuit_features(graphs: Sequence[Graph], limit: int = MAX_CIRCUIT) -> list[
     return sorted(counts, key=lambda k: (-counts[k], k))[:limit]
 
 
+def group_masks(lengths: Sequence[int], groups: Sequence[str | None]) -> dict[str, np.ndarray]:
+    """Boolean `(Σ lengths,)` token masks per group name, for texts of `lengths` tokens laid end to end (the layout of
+    `feature_activations`); texts without a group belong to none."""
+    masks: dict[str, np.ndarray] = {}
+    offset = 0
+    for length, group in zip(lengths, groups, strict=True):
+        if group is not None:
+            mask = masks.setdefault(group, np.zeros(sum(lengths), dtype=bool))
+            mask[offset : offset + length] = True
+        offset += length
+    return masks
+
+
 def _align(
     a: Side, b: Side, texts: Sequence[str], thresholds: AlignmentThresholds,
-    graphs: Sequence[tuple[Graph, Graph]],
+    graphs: Sequence[tuple[Graph, Graph]], groups: Mapping[str, str] | None = None,
 ) -> Alignment:  # fmt: skip
-    """Align on activations over `texts`; the linear map is fitted on the features of the two sides' graphs."""
+    """Align on activations over `texts`; the linear map is fitted on the features of the two sides' graphs;
+    `groups` (text → group name, two groups or more) adds the per-group activation agreement."""
     acts_a = feature_activations(a.model, a.transcoder, texts)
     acts_b = feature_activations(b.model, b.transcoder, texts)
+    masks = None
+    if groups and len({groups[t] for t in texts if t in groups}) >= 2:
+        lengths = [int(a.model.tokenize(t).shape[1]) - 1 for t in texts]  # non-BOS positions, as in the activations
+        masks = group_masks(lengths, [groups.get(t) for t in texts])
     return align_dictionaries(a.transcoder, b.transcoder, acts_a=acts_a, acts_b=acts_b, thresholds=thresholds,
                               circuit_a=circuit_features([g for g, _ in graphs]),
-                              circuit_b=circuit_features([g for _, g in graphs]))  # fmt: skip
+                              circuit_b=circuit_features([g for _, g in graphs]), groups=masks)  # fmt: skip
 
 
 def _graphs(queries: AtlasQueries, shared: Sequence[tuple[str, str, str]]) -> list[tuple[Graph, Graph]]:
@@ -190,8 +208,10 @@ def diff_stored(
     min_weight: float = 1e-3,
     change_ratio: float = 0.5,
     progress: Progress | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> DiffResult:
-    """Diff dictionary `b` against `a` on their shared stored prompts (see the module docstring)."""
+    """Diff dictionary `b` against `a` on their shared stored prompts (see the module docstring); `groups` maps
+    prompt texts to group names (e.g. their corpus `task`) for the distributional classification."""
     thresholds = thresholds or AlignmentThresholds()
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -210,7 +230,7 @@ def diff_stored(
     graphs = _graphs(queries, shared)
     timings["read_graphs"] = time.perf_counter() - started
     started = time.perf_counter()
-    alignment = _align(a, b, [t for t, _, _ in shared], thresholds, graphs)
+    alignment = _align(a, b, [t for t, _, _ in shared], thresholds, graphs, groups)
     timings["align"] = time.perf_counter() - started
     started = time.perf_counter()
     diffs = _diffs(shared, graphs, _rename(alignment), progress, "diff", **options)
