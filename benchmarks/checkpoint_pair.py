@@ -137,6 +137,11 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--workers", default="1")
+    parser.add_argument(
+        "--max-feature-nodes",
+        default="256",
+        help="Cap on feature nodes per graph (as the demo; uncapped SmolLM2 graphs hold ~100k edges)",
+    )
     args = parser.parse_args()
     from atlas.models.dimensions import TINY_MODELS
 
@@ -171,7 +176,8 @@ def main() -> None:
             run(atlas, "train", "--model", str(model), "--kind", "plt", "--features", str(args.features), "--steps",
                 str(args.train_steps), "--seed", str(seed), "--out", str(directory), *init)  # fmt: skip
         run(atlas, "ingest", "--corpus", str(corpus), "--model", str(model), "--transcoders",
-            str(directory / "transcoders"), "--workers", args.workers, "--run", f"checkpoint-pair-{name}")  # fmt: skip
+            str(directory / "transcoders"), "--workers", args.workers, "--max-feature-nodes", args.max_feature_nodes,
+            "--run", f"checkpoint-pair-{out.name}-{name}")  # fmt: skip
         from atlas.transcoders.identity import transcoder_identity
 
         ids[name] = transcoder_identity(directory / "transcoders").id
