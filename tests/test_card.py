@@ -96,3 +96,16 @@ def test_a_dictionary_that_predicts_only_the_mean_has_fvu_one(tiny_gpt2: LoadedM
     assert 0.0 <= card.replacement_score <= 1.0
     with pytest.raises(ValueError, match="at least one prompt"):
         evaluate_dictionary(model, tc, prompts=(), progress=False)
+
+
+def test_recipe_summary_names_a_cpu_budget_instead_of_its_step_bound() -> None:
+    base = {
+        "kind": "plt",
+        "activation": "jumprelu",
+        "n_features": 512,
+        "sparsity_lambda": 0.1,
+        "stream": {"batch_size": 1024},
+    }
+    assert "300 steps" in recipe_summary({**base, "steps": 300, "cpu_budget_s": None})
+    budget = recipe_summary({**base, "steps": 10_000_000, "cpu_budget_s": 600.0})
+    assert "10 core-minutes" in budget and "steps" not in budget

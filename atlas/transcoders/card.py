@@ -113,7 +113,12 @@ def recipe_summary(training: dict[str, Any]) -> str:
     parts = [
         f"{training.get('kind', '?')} {training.get('activation', '?')}",
         f"{training.get('n_features', '?')} features",
-        f"{training.get('steps', '?')} steps",
+        # a CPU-budget run's `steps` is only an upper bound: name the budget instead
+        (
+            f"{training['cpu_budget_s'] / 60:g} core-minutes"
+            if isinstance(training.get("cpu_budget_s"), int | float)
+            else f"{training.get('steps', '?')} steps"
+        ),
         f"batch {stream.get('batch_size', '?')}",
         f"λ {training.get('sparsity_lambda', '?')}",
     ]
