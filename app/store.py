@@ -33,6 +33,7 @@ _CARD_COLUMNS: LiteralString = """
     properties(t)['dead_fraction'] AS dead_fraction, properties(t)['ce_clean'] AS ce_clean,
     properties(t)['ce_spliced'] AS ce_spliced, properties(t)['ce_delta'] AS ce_delta,
     properties(t)['replacement_score'] AS replacement_score, properties(t)['completeness_score'] AS completeness_score,
+    properties(t)['feature_nodes_kept'] AS feature_nodes_kept,
     properties(t)['eval_prompts'] AS eval_prompts, properties(t)['eval_tokens'] AS eval_tokens,
     properties(t)['training_tokens'] AS training_tokens, properties(t)['recipe'] AS recipe
 """

@@ -74,6 +74,7 @@ def measure(model: LoadedModel, directory: Path, tokens: torch.Tensor, graphs: b
         card = evaluate_dictionary(model, transcoder, prompts=EVAL_PROMPTS, progress=False)
         figures["replacement"] = card.replacement_score
         figures["completeness"] = card.completeness_score
+        figures["feature_nodes_kept"] = card.feature_nodes_kept
     figures["eval_seconds"] = time.perf_counter() - started
     return figures
 
@@ -88,7 +89,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/transcoder-quality", help="training runs go under this directory")
     parser.add_argument("--json", default=None, help="write every figure to this file")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a TrainConfig field of every recipe (JSON value)")  # fmt: skip
+                        help="override a TrainConfig field of every recipe (JSON value; stream={...} for its"
+                             " stream fields)")  # fmt: skip
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -117,9 +119,10 @@ def main() -> None:
     for name in recipes:
         for budget in budgets:
             # the held-out sequences are the first of the corpus; every recipe skips at least that many
-            config = recipe_config(name, cpu_budget_s=budget * 60, stream={"eval_sequences": args.eval_sequences},
-                                   **overrides)  # fmt: skip
-            variant = "".join(f"-{k}={v}" for k, v in overrides.items())
+            fields = dict(overrides)
+            stream = {**fields.pop("stream", {}), "eval_sequences": args.eval_sequences}
+            config = recipe_config(name, cpu_budget_s=budget * 60, stream=stream, **fields)
+            variant = "".join(f"-{k}={v}" for k, v in overrides.items()).replace(" ", "").replace('"', "")
             out = Path(args.out) / f"{name}{variant}-{budget:g}"
             wall = time.perf_counter()
             result = Trainer(model, config, out).run(fresh=True)
@@ -131,11 +134,11 @@ def main() -> None:
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "fvu"}))
     header = (f"{'recipe':<9} {'core-min':>8} {'wall s':>7} {'tokens':>9} {'FVU':>6} {'L0':>7} {'dead':>6}"
-              f" {'CE Δ':>6} {'KL':>6} {'Δ w/ err':>9} {'repl':>6} {'compl':>6}")  # fmt: skip
+              f" {'CE Δ':>6} {'KL':>6} {'Δ w/ err':>9} {'repl':>6} {'compl':>6} {'feat kept':>9}")  # fmt: skip
     print("\n" + header)
     for row in results:
-        graphs = (f"{row['replacement']:>6.3f} {row['completeness']:>6.3f}" if "replacement" in row
-                  else f"{'-':>6} {'-':>6}")  # fmt: skip
+        graphs = (f"{row['replacement']:>6.3f} {row['completeness']:>6.3f} {row['feature_nodes_kept']:>9.1f}"
+                  if "replacement" in row else f"{'-':>6} {'-':>6} {'-':>9}")  # fmt: skip
         print(f"{row['recipe']:<9} {row['budget_core_minutes']:>8g} {row['train_wall_s']:>7.0f} {row['tokens']:>9}"
               f" {row['fvu_mean']:>6.3f} {row['l0_mean']:>7.1f} {row['dead_fraction']:>6.1%} {row['ce_delta']:>6.2f}"
               f" {row['kl']:>6.2f} {row['ce_delta_with_errors']:>9.1e} {graphs}")  # fmt: skip

@@ -247,6 +247,7 @@ def test_overview_counts_prompts_and_plots_scores(app_env: AtlasFixture) -> None
     assert ours.iloc[0]["ce_delta"] == pytest.approx(app_env.card.ce_delta, rel=1e-9)
     assert ours.iloc[0]["replacement_score"] == pytest.approx(app_env.card.replacement_score, rel=1e-9)
     assert ours.iloc[0]["fvu_mean"] == pytest.approx(app_env.card.fvu_mean, rel=1e-9)
+    assert ours.iloc[0]["feature_nodes_kept"] == pytest.approx(app_env.card.feature_nodes_kept, rel=1e-9)
     caution = app_env.card.warning(threshold=-1.0)  # any measured delta exceeds a negative threshold
     assert caution is not None and f"{app_env.card.ce_delta:.2f} nats" in caution
     shown = [w.value for w in at.warning if app_env.transcoder_id in w.value]

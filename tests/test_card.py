@@ -94,6 +94,7 @@ def test_a_dictionary_that_predicts_only_the_mean_has_fvu_one(tiny_gpt2: LoadedM
     assert card.replacement_score == pytest.approx(sum(s.replacement for s in scores) / len(scores), rel=1e-9)
     assert card.completeness_score == pytest.approx(sum(s.completeness for s in scores) / len(scores), rel=1e-9)
     assert 0.0 <= card.replacement_score <= 1.0
+    assert card.feature_nodes_kept == 0.0  # nothing fires, so no graph has a feature node
     with pytest.raises(ValueError, match="at least one prompt"):
         evaluate_dictionary(model, tc, prompts=(), progress=False)
 
@@ -109,3 +110,19 @@ def test_recipe_summary_names_a_cpu_budget_instead_of_its_step_bound() -> None:
     assert "300 steps" in recipe_summary({**base, "steps": 300, "cpu_budget_s": None})
     budget = recipe_summary({**base, "steps": 10_000_000, "cpu_budget_s": 600.0})
     assert "10 core-minutes" in budget and "steps" not in budget
+
+
+def test_feature_nodes_kept_is_the_mean_over_the_pruned_evaluation_graphs(tiny_gpt2: LoadedModel) -> None:
+    """With features that fire, the card counts the feature nodes each pruned evaluation graph keeps (not its errors,
+    tokens or logits) and averages them over the prompts."""
+    model = tiny_gpt2
+    torch.manual_seed(2)
+    tc = build_transcoder(TranscoderSpec(kind="clt", n_layers=model.info.n_layers, d_model=model.info.d_model,
+                                         n_features=16))  # fmt: skip
+    card = evaluate_dictionary(model, tc, prompts=PROMPTS, max_feature_nodes=None, progress=False)
+    counts = []
+    for prompt in PROMPTS:
+        pruned = prune_graph(attribute(model, tc, prompt, config=AttributionConfig()))
+        counts.append(int(pruned.result.node_mask[: pruned.graph.index.n_features].sum()))
+    assert sum(counts) > 0
+    assert card.feature_nodes_kept == pytest.approx(sum(counts) / len(counts))

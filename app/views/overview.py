@@ -11,7 +11,7 @@ import streamlit as st
 from app.resources import show_error, store
 from atlas.transcoders.card import DictionaryCard
 
-CARD_SHOWN = ["fvu_mean", "l0_mean", "ce_delta", "replacement_score", "training_tokens", "recipe"]
+CARD_SHOWN = ["fvu_mean", "l0_mean", "ce_delta", "replacement_score", "feature_nodes_kept", "training_tokens", "recipe"]
 
 st.title("Atlas overview")
 try:
@@ -45,7 +45,9 @@ with left:
     st.dataframe(table, hide_index=True, key="dictionaries")
     st.caption(
         "Dictionary cards: mean FVU and L0 per layer on held-out prompts, the next-token loss added when every MLP is "
-        "replaced (CE Δ, nats), and the mean replacement score of 16 evaluation graphs (`atlas transcoders card`)."
+        "replaced (CE Δ, nats), the mean replacement score of 16 evaluation graphs and the feature nodes those pruned "
+        "graphs keep (`atlas transcoders card`; a dictionary whose graphs keep few features shows paths of tokens and "
+        "errors)."
     )
     for row in dictionaries:
         if (caution := DictionaryCard.from_dict(row).warning()) is not None:

@@ -3,7 +3,9 @@
 Three phases, each timed: reconstruction (mean FVU pooled over the evaluation prompts' tokens, mean L0 per layer, the
 share of features that never fire), the spliced next-token loss on held-out sequences (every MLP replaced at once,
 no error terms; `atlas.training.splicing`), and the mean replacement and completeness scores of the evaluation
-prompts' pruned attribution graphs. Position 0 (BOS) is left out everywhere, as attribution leaves it out.
+prompts' pruned attribution graphs, with the mean number of feature nodes those graphs keep (a dictionary whose
+features carry too little influence leaves graphs of tokens and error nodes only). Position 0 (BOS) is left out
+everywhere, as attribution leaves it out.
 
 This module measures; it must not write anything (`atlas.transcoders.card.write_card` does).
 """
@@ -21,6 +23,7 @@ from rich.progress import track
 from atlas.attribution.context import build_context
 from atlas.attribution.engine import AttributionConfig, attribute
 from atlas.attribution.export import prune_graph
+from atlas.attribution.nodes import NodeKind
 from atlas.models import LoadedModel
 from atlas.training.splicing import spliced_cross_entropy
 from atlas.transcoders.base import EncoderStack
@@ -124,13 +127,14 @@ def evaluate_dictionary(
         spliced = spliced_cross_entropy(model, transcoder, eval_tokens)
         timings["spliced_ce"] = time.perf_counter() - started
     started = time.perf_counter()
-    replacement, completeness = [], []
+    replacement, completeness, features_kept = [], [], []
     config = AttributionConfig(max_feature_nodes=max_feature_nodes)
     for text in track(prompts, description="graph scores", disable=not progress, transient=True):
         pruned = prune_graph(attribute(model, transcoder, text, config=config), node_threshold=node_threshold,
                              edge_threshold=edge_threshold)  # fmt: skip
         replacement.append(pruned.scores_pruned.replacement)
         completeness.append(pruned.scores_pruned.completeness)
+        features_kept.append(int(pruned.result.node_mask[pruned.graph.index.slice(NodeKind.FEATURE)].sum()))
     timings["graph_scores"] = time.perf_counter() - started
     log.info("dictionary evaluation phases (s): %s", {k: round(v, 2) for k, v in timings.items()})
     meta = read_metadata(transcoder_dir) if transcoder_dir else {}
@@ -144,6 +148,7 @@ def evaluate_dictionary(
         ce_delta=None if spliced is None else spliced.delta,
         replacement_score=sum(replacement) / len(replacement),
         completeness_score=sum(completeness) / len(completeness),
+        feature_nodes_kept=sum(features_kept) / len(features_kept),
         eval_prompts=len(prompts),
         eval_tokens=None if spliced is None else spliced.n_tokens,
         training_tokens=(meta.get("metrics") or {}).get("tokens"),

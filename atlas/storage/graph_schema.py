@@ -13,7 +13,8 @@ Global identity nodes (shared by every prompt, MERGEd on their key, never delete
                                                              also its dictionary card's figures when measured
                                                              (fvu_mean, l0_mean, dead_fraction, ce_clean, ce_spliced,
                                                              ce_delta, replacement_score, completeness_score,
-                                                             eval_prompts, eval_tokens, training_tokens, recipe)
+                                                             feature_nodes_kept, eval_prompts, eval_tokens,
+                                                             training_tokens, recipe)
     (:Feature {key, transcoder, layer, index, h, label?, auto_label?, user_label?, user_note?, label_author?,
                label_updated_at?})                           key = "{transcoder}/{layer}/{index}" (graph.feature_key);
                                                              label = user_label if set, else auto_label (what readers

@@ -36,6 +36,7 @@ class DictionaryCard:
     ce_delta: float | None = None  # nats lost when every MLP is replaced (no error terms)
     replacement_score: float | None = None  # mean over the evaluation prompts' pruned graphs
     completeness_score: float | None = None
+    feature_nodes_kept: float | None = None  # mean feature nodes left in those pruned graphs
     eval_prompts: int | None = None
     eval_tokens: int | None = None
     training_tokens: int | None = None
