@@ -60,9 +60,13 @@ PACKAGED_MODELS: dict[str, PackagedGGUFModel] = {SMOLLM2_135M_INSTRUCT.alias: SM
 DEFAULT_MODEL = SMOLLM2_135M_INSTRUCT.alias
 
 # Named training recipes (their settings: `atlas.training.recipes`); `atlas train` starts from the default one.
-TRAINING_RECIPE_NAMES: tuple[str, ...] = ("baseline", "cpu")
+TRAINING_RECIPE_NAMES: tuple[str, ...] = ("baseline", "cpu", "clt")
 DEFAULT_TRAINING_RECIPE = "baseline"
 DEFAULT_TRAINING_STEPS = 200
+# What `make demo` trains: the cross-layer recipe whose graphs keep feature nodes, for a CPU-time budget (core-minutes
+# of process CPU time; about 8–10 minutes of wall time on 2 cores). The README ("Dictionary quality") says why.
+DEMO_TRAINING_RECIPE = "clt"
+DEMO_CPU_MINUTES = 16.0
 
 # Where transcoders read and write, as TransformerLens hook names relative to a block (`blocks.{l}.`).
 # The MLP's own input and output: exactly what a per-layer transcoder replaces, and a pair that

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from atlas.config import DEFAULT_MODEL, TRAINING_RECIPE_NAMES
+from atlas.config import DEFAULT_MODEL, DEMO_CPU_MINUTES, DEMO_TRAINING_RECIPE, TRAINING_RECIPE_NAMES
 from atlas_cli.common import TRANSCODERS_HELP, console, fail, transcoder_directory, unit_fraction, user_errors
 from atlas_cli.core import measure_card, print_card, print_metrics, run_training
 
@@ -97,33 +97,29 @@ def ingest(
         fail(err)
 
 
-def demo_training_config(recipe: str | None, steps: int, features: int, cpu_minutes: float | None) -> Any:
-    """The demo's training settings: its small CLT (`features`, `steps`), or the named recipe for `steps` or for
-    `cpu_minutes` of CPU time."""
-    from atlas.training.activations import StreamConfig
+def demo_training_config(recipe: str, steps: int | None, features: int | None, cpu_minutes: float | None) -> Any:
+    """The demo's training settings: the named recipe for `steps`, or else for `cpu_minutes` of CPU time (default
+    `DEMO_CPU_MINUTES`), with `features` per layer when given."""
     from atlas.training.recipes import recipe_config
-    from atlas.training.trainer import TrainConfig
 
-    if recipe is None:
-        if cpu_minutes is not None:
-            raise typer.BadParameter("--cpu-minutes needs --recipe (the demo CLT trains for --steps)")
-        return TrainConfig(kind="clt", n_features=features, steps=steps, checkpoint_every=25, log_every=5,
-                           stream=StreamConfig(chunk_sequences=32))  # fmt: skip
-    length = {"steps": steps} if cpu_minutes is None else {"cpu_budget_s": cpu_minutes * 60}
-    return recipe_config(recipe, checkpoint_every=25, log_every=5, **length)
+    if steps is not None and cpu_minutes is not None:
+        raise typer.BadParameter("give the demo's training a length by --steps or by --cpu-minutes, not both")
+    length = {"steps": steps} if steps is not None else {"cpu_budget_s": (cpu_minutes or DEMO_CPU_MINUTES) * 60}
+    width = {} if features is None else {"n_features": features}
+    return recipe_config(recipe, checkpoint_every=25, log_every=5, **length, **width)
 
 
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo run goes.")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(min=1, help="Training steps of the demo CLT.")] = 100,
-    features: Annotated[int, typer.Option(min=1, help="Features per layer of the demo CLT.")] = 64,
     recipe: Annotated[
-        str | None,
-        typer.Option(help="Train a named recipe (" + " | ".join(TRAINING_RECIPE_NAMES) + ") instead of the demo CLT."),
-    ] = None,
+        str, typer.Option(help="The training recipe (" + " | ".join(TRAINING_RECIPE_NAMES) + ").")
+    ] = DEMO_TRAINING_RECIPE,
     cpu_minutes: Annotated[
-        float | None, typer.Option(min=0.1, help="With --recipe: train for this much CPU time (core-minutes).")
+        float | None,
+        typer.Option(min=0.1, help=f"Train for this much CPU time (core-minutes). [default: {DEMO_CPU_MINUTES:g}]"),
     ] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Train for this many steps instead of a CPU time.")] = None,
+    features: Annotated[int | None, typer.Option(min=1, help="Features per layer (default: the recipe's).")] = None,
     prompts: Annotated[
         int, typer.Option(min=0, help="Demo-corpus prompts to ingest (spread over the tasks; 0: all).")
     ] = 24,
@@ -135,8 +131,8 @@ def demo(
         bool, typer.Option(help="Also ingest the Dallas/state-capital set with the correct capital as target.")
     ] = True,
 ) -> None:
-    """Train (or reuse) a small CLT on the default model, ingest the demo corpus (and the state-capital set that the
-    Dallas query needs), print where to explore it."""
+    """Train (or reuse) a dictionary on the default model (the `clt` recipe for 16 core-minutes of CPU time), ingest
+    the demo corpus (and the state-capital set that the Dallas query needs), print where to explore it."""
     from atlas.training.trainer import TRANSCODER_DIR
     from ingest.demo_corpus import demo_subset, state_capital_prompts, state_capitals_path
     from ingest.pipeline import IngestOptions

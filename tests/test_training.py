@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -387,22 +388,32 @@ def test_init_from_a_saved_dictionary_starts_where_it_left_off(
 
 
 def test_demo_trains_its_clt_or_a_named_recipe(tmp_path: Path) -> None:
-    """`atlas demo` trains its small CLT by default, a named recipe for --steps or --cpu-minutes with --recipe;
-    an unknown recipe, or --cpu-minutes without one, is one clear line and nothing is created."""
+    """`atlas demo` trains the `clt` recipe for `DEMO_CPU_MINUTES` of CPU time by default, another recipe, a step
+    count or a width when asked; an unknown recipe, or both lengths at once, is one clear line and nothing is
+    created."""
     from typer.testing import CliRunner
 
+    from atlas.config import DEMO_CPU_MINUTES, DEMO_TRAINING_RECIPE
+    from atlas.training.recipes import RECIPES
     from atlas_cli.ingest_commands import demo_training_config
     from atlas_cli.main import app
 
-    default = demo_training_config(None, 100, 64, None)
-    assert (default.kind, default.n_features, default.steps, default.cpu_budget_s) == ("clt", 64, 100, None)
-    cpu = demo_training_config("cpu", 100, 64, 20.0)
+    default = demo_training_config(DEMO_TRAINING_RECIPE, None, None, None)
+    assert (default.kind, default.n_features, default.cpu_budget_s) == ("clt", 128, DEMO_CPU_MINUTES * 60)
+    assert default.outlier_factor == 10.0 and not default.skip  # the baseline CLT with the attention sinks left out
+    assert dataclasses.replace(default, outlier_factor=None, cpu_budget_s=None, steps=RECIPES["baseline"].steps,
+                               checkpoint_every=RECIPES["baseline"].checkpoint_every,
+                               log_every=RECIPES["baseline"].log_every) == RECIPES["baseline"]  # fmt: skip
+    cpu = demo_training_config("cpu", None, None, 20.0)
     assert cpu.kind == "plt" and cpu.skip and cpu.outlier_factor == 10.0 and cpu.cpu_budget_s == 1200.0
-    assert demo_training_config("cpu", 40, 64, None).steps == 40
+    short = demo_training_config("clt", 40, 64, None)
+    assert (short.steps, short.n_features, short.cpu_budget_s) == (40, 64, None)
     runner = CliRunner()
     out = tmp_path / "demo"
     unknown = runner.invoke(app, ["demo", "--recipe", "fast", "--out", str(out)])
     assert unknown.exit_code != 0 and "unknown recipe 'fast'" in unknown.output
-    alone = runner.invoke(app, ["demo", "--cpu-minutes", "3", "--out", str(out)])
-    assert alone.exit_code != 0 and "--cpu-minutes needs --recipe" in " ".join(alone.output.split())
+    both = runner.invoke(app, ["demo", "--cpu-minutes", "3", "--steps", "10", "--out", str(out)])
+    assert both.exit_code != 0 and "by --steps or by --cpu-minutes, not both" in " ".join(
+        both.output.replace("│", " ").split()
+    )
     assert not out.exists()
