@@ -1,6 +1,6 @@
 """Dictionary quality per CPU-minute: train recipes under CPU budgets and measure what a user reads graphs through.
 
-For every recipe (default: today's `baseline` and the `cpu` recipe, see `atlas.training.recipes`) and every budget,
+For every recipe (default: `baseline`, `clt` and `cpu`, see `atlas.training.recipes`) and every budget,
 the script trains a fresh transcoder set on the default model until the process has spent the budget, then measures,
 on held-out text the training never saw (the stream's evaluation sequences, `--eval-sequences` of them):
 
@@ -9,7 +9,8 @@ on held-out text the training never saw (the stream's evaluation sequences, `--e
   mean KL(clean ‖ spliced) of the next-token distributions; the same splice *with* error terms as a sanity check
   (its delta must be 0 up to rounding);
 - the mean replacement and completeness scores of the pruned attribution graphs of the 16 evaluation prompts of
-  `atlas.attribution.quality` (factual, IOI, arithmetic, antonym, sequence prompts), unless `--no-graphs`.
+  `atlas.attribution.quality` (factual, IOI, arithmetic, antonym, sequence prompts) and the mean number of feature
+  nodes those graphs keep, unless `--no-graphs`.
 
 Budgets are CPU time of this process (`time.process_time`, all its threads), in *core-minutes*: "5 minutes on
 2 cores" is 10 core-minutes. CPU time, not wall time, so a budget buys the same work on a machine shared with other
@@ -82,7 +83,7 @@ def measure(model: LoadedModel, directory: Path, tokens: torch.Tensor, graphs: b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--recipes", default="baseline,cpu", help=f"comma-separated, of {', '.join(recipe_names())}")
+    parser.add_argument("--recipes", default="baseline,clt,cpu", help=f"comma-separated, of {', '.join(recipe_names())}")
     parser.add_argument("--budgets", default="10,30,60", help="core-minutes of CPU time (2 cores × wall minutes)")
     parser.add_argument("--eval-sequences", type=int, default=32, help="held-out sequences of 64 tokens")
     parser.add_argument("--no-graphs", action="store_true", help="skip the attribution-graph scores")
