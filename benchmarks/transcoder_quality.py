@@ -83,7 +83,9 @@ def measure(model: LoadedModel, directory: Path, tokens: torch.Tensor, graphs: b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--recipes", default="baseline,clt,cpu", help=f"comma-separated, of {', '.join(recipe_names())}")
+    parser.add_argument(
+        "--recipes", default="baseline,clt,cpu", help=f"comma-separated, of {', '.join(recipe_names())}"
+    )
     parser.add_argument("--budgets", default="10,30,60", help="core-minutes of CPU time (2 cores × wall minutes)")
     parser.add_argument("--eval-sequences", type=int, default=32, help="held-out sequences of 64 tokens")
     parser.add_argument("--no-graphs", action="store_true", help="skip the attribution-graph scores")
