@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import os
@@ -403,9 +402,9 @@ def test_demo_trains_its_clt_or_a_named_recipe(tmp_path: Path) -> None:
     default = demo_training_config(DEMO_TRAINING_RECIPE, None, None, None)
     assert (default.kind, default.n_features, default.cpu_budget_s) == ("clt", 128, DEMO_CPU_MINUTES * 60)
     assert default.outlier_factor == 10.0 and not default.skip  # the baseline CLT with the attention sinks left out
-    assert dataclasses.replace(default, outlier_factor=None, cpu_budget_s=None, steps=RECIPES["baseline"].steps,
-                               checkpoint_every=RECIPES["baseline"].checkpoint_every,
-                               log_every=RECIPES["baseline"].log_every) == RECIPES["baseline"]  # fmt: skip
+    assert replace(default, outlier_factor=None, cpu_budget_s=None, steps=RECIPES["baseline"].steps,
+                   checkpoint_every=RECIPES["baseline"].checkpoint_every,
+                   log_every=RECIPES["baseline"].log_every) == RECIPES["baseline"]  # fmt: skip
     cpu = demo_training_config("cpu", None, None, 20.0)
     assert cpu.kind == "plt" and cpu.skip and cpu.outlier_factor == 10.0 and cpu.cpu_budget_s == 1200.0
     short = demo_training_config("clt", 40, 64, None)

@@ -20,9 +20,11 @@ from atlas.training.trainer import TrainConfig
 # Steps a budget run may not exceed; far beyond what any CPU budget reaches, so the budget is what stops it.
 BUDGET_STEP_CEILING = 10_000_000
 
+# Wave 1's recipe, kept as the benchmark's baseline: a cross-layer transcoder, random initialisation.
+_BASELINE = TrainConfig(kind="clt", n_features=128)
+
 RECIPES: dict[str, TrainConfig] = {
-    # Wave 1's recipe, kept as the benchmark's baseline: a cross-layer transcoder, random initialisation.
-    "baseline": TrainConfig(kind="clt", n_features=128),
+    "baseline": _BASELINE,
     # Per-layer transcoders with an affine skip connection that starts as the least-squares fit of each MLP, so the
     # features only learn what a linear map cannot (the skip then moves at 1 % of the learning rate: Adam would
     # move each of its d² entries by about the learning rate per step and undo the fit); encoder rows start as their
@@ -47,7 +49,7 @@ RECIPES: dict[str, TrainConfig] = {
     # its features, not a linear map, carry what the dictionary explains, so its pruned graphs keep feature nodes
     # (about 120 of 256 on the evaluation prompts, against 16 for `cpu`, whose skip explains most of each MLP and
     # leaves the features little influence); it reconstructs worse per CPU-minute (CE Δ 3.7 against 1.7 at 10).
-    "clt": TrainConfig(kind="clt", n_features=128, outlier_factor=10.0),
+    "clt": dataclasses.replace(_BASELINE, outlier_factor=10.0),
 }
 
 
